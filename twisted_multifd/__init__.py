@@ -1,0 +1,3 @@
+"""
+twisted-multifd: QEMU live migration (multifd included) for Twisted.
+"""
