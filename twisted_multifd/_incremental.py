@@ -103,9 +103,9 @@ class IncrementalParser:
                 self._boundary = True
                 self._advance(None)
             elif isinstance(request, int):
-                self._boundary = False
                 if len(self._queue) < request:
                     return None
+                self._boundary = False
                 self.consumed += request
                 self._advance(self._queue.take(request))
             elif request is READ_TO_END:

@@ -1,0 +1,34 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from qemu_harness import QemuBinary, QemuLab, QemuUnavailable, find_qemu
+
+# --- real QEMU (tests marked ``qemu``; harness in tests/qemu_harness.py) ---
+
+
+@pytest.fixture
+def qemu_lab(tmp_path: Path) -> Iterator[QemuLab]:
+    """Starts QEMUs, receivers and relays for one test; kills them all after."""
+    with QemuLab(tmp_path) as lab:
+        yield lab
+
+
+@pytest.fixture
+def require_qemu() -> Callable[[str], QemuBinary]:
+    """``require_qemu("10.0")``: that build, or skip (fail if TMF_REQUIRE_QEMU=1)."""
+
+    def require(label: str) -> QemuBinary:
+        try:
+            return find_qemu(label)
+        except QemuUnavailable as exc:
+            if os.environ.get("TMF_REQUIRE_QEMU") == "1":
+                pytest.fail(str(exc))
+            pytest.skip(str(exc))
+
+    return require

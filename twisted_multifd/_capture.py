@@ -1,0 +1,251 @@
+"""
+The default sink: writes a migration into a capture directory.
+
+Layout::
+
+    DIR/manifest.json          written last, atomically (see below)
+    DIR/ram/<name>.img         one raw image per RAM block: exactly the block's
+                               used length, block offset 0 at file offset 0,
+                               sparse where pages were never sent or are zero
+    DIR/device-state.bin       the FULL device sections, verbatim
+    DIR/vmdesc.json            the VMDESC JSON the source sent (if any)
+    DIR/multifd-device-state/  QEMU 10 device-state packets, one file each
+
+A capture is complete only if C{manifest.json} says C{"complete": true}; a
+manifest is written for every migration, including failed ones (with
+C{"error"}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Any, Sequence
+
+from zope.interface import implementer
+
+from ._errors import MigrationError
+from ._interfaces import IMigrationSink
+from ._mainstream import Configuration, RamBlock
+from ._packet import DeviceStatePacket
+from ._records import MigrationInfo, MigrationResult
+from ._tail import StreamTail
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+# Page states in the per-block map.
+_NEVER, _ZERO, _DATA = 0, 1, 2
+
+
+def _fileName(name: str, taken: set[str]) -> str:
+    """
+    A file name for a RAM block name such as C{/rom@etc/acpi/tables}.
+    """
+    base = re.sub(r"[^A-Za-z0-9._@-]+", "_", name).strip("._") or "block"
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    taken.add(candidate)
+    return candidate + ".img"
+
+
+def writeFileAtomically(path: str, data: bytes) -> None:
+    """
+    Write C{data} to C{path} so that a reader sees the old file or the whole
+    new one, never a part: a temporary file, fsync, rename, fsync the folder.
+    """
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class _BlockImage:
+    def __init__(self, block: RamBlock, path: str, pageSize: int) -> None:
+        self.block = block
+        self.pageSize = pageSize
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, block.length)
+        self.pages = bytearray((block.length + pageSize - 1) // pageSize)
+
+    def write(self, offsets: Sequence[int], data: Any) -> None:
+        pageSize = self.pageSize
+        view = memoryview(data)
+        pages = self.pages
+        fd = self.fd
+        # One pwrite per run of consecutive pages: packets usually carry long
+        # runs, and pwrite fails cleanly (ENOSPC) where a mapping would SIGBUS.
+        count = len(offsets)
+        i = 0
+        while i < count:
+            start = offsets[i]
+            j = i + 1
+            while j < count and offsets[j] == start + (j - i) * pageSize:
+                j += 1
+            chunk = view[i * pageSize : j * pageSize]
+            written = os.pwrite(fd, chunk, start)
+            while written < len(chunk):
+                written += os.pwrite(fd, chunk[written:], start + written)
+            first = start // pageSize
+            pages[first : first + (j - i)] = b"\x02" * (j - i)
+            i = j
+
+    def zero(self, offsets: Sequence[int]) -> None:
+        pageSize = self.pageSize
+        pages = self.pages
+        for offset in offsets:
+            index = offset // pageSize
+            if pages[index] == _DATA:
+                # A later zero version of a page written before: clear it.
+                os.pwrite(self.fd, bytes(pageSize), offset)
+            pages[index] = _ZERO
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "pages_with_data": self.pages.count(_DATA),
+            "pages_zero": self.pages.count(_ZERO),
+            "pages_never_sent": self.pages.count(_NEVER),
+        }
+
+
+@implementer(IMigrationSink)
+class CaptureWriter:
+    """
+    Writes one migration into C{directory} (created if needed).
+
+    @ivar manifest: the manifest written at the end, as a dict.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.manifest: dict[str, Any] | None = None
+        self._images: dict[str, _BlockImage] = {}
+        self._order: list[tuple[RamBlock, str]] = []
+        self._tail: StreamTail | None = None
+        self._deviceStatePackets: list[dict[str, Any]] = []
+        self._configuration: Configuration | None = None
+        os.makedirs(directory, exist_ok=True)
+        existing = os.path.join(directory, MANIFEST)
+        if os.path.exists(existing):
+            # Never overwrite a capture; a failed one may be replaced.
+            with open(existing, "rb") as f:
+                try:
+                    complete = json.load(f).get("complete") is True
+                except ValueError:
+                    complete = False
+            if complete:
+                raise FileExistsError(f"{directory} already holds a complete capture")
+            os.unlink(existing)
+
+    def migrationStarted(self, info: MigrationInfo) -> None:
+        pass
+
+    def configuration(self, configuration: Configuration) -> None:
+        self._configuration = configuration
+
+    def ramBlocks(self, blocks: Sequence[RamBlock], pageSize: int) -> None:
+        ramDir = os.path.join(self.directory, "ram")
+        os.makedirs(ramDir, exist_ok=True)
+        taken: set[str] = set()
+        for block in blocks:
+            fileName = _fileName(block.name, taken)
+            relative = f"ram/{fileName}"
+            self._images[block.name] = _BlockImage(block, os.path.join(self.directory, relative), pageSize)
+            self._order.append((block, relative))
+
+    def writePages(self, block: RamBlock, offsets: Sequence[int], data: Any) -> None:
+        self._images[block.name].write(offsets, data)
+
+    def zeroPages(self, block: RamBlock, offsets: Sequence[int]) -> None:
+        self._images[block.name].zero(offsets)
+
+    def deviceStatePacket(self, packet: DeviceStatePacket) -> None:
+        folder = os.path.join(self.directory, "multifd-device-state")
+        os.makedirs(folder, exist_ok=True)
+        index = len(self._deviceStatePackets)
+        name = re.sub(r"[^A-Za-z0-9._@-]+", "_", packet.idstr)
+        relative = f"multifd-device-state/{index:06d}-{name}-{packet.instanceID}.bin"
+        with open(os.path.join(self.directory, relative), "wb") as f:
+            f.write(packet.data)
+        self._deviceStatePackets.append(
+            {"idstr": packet.idstr, "instance_id": packet.instanceID, "flags": packet.flags, "file": relative}
+        )
+
+    def streamEnded(self, tail: StreamTail) -> None:
+        self._tail = tail
+        with open(os.path.join(self.directory, "device-state.bin"), "wb") as f:
+            f.write(tail.deviceState)
+            f.flush()
+            os.fsync(f.fileno())
+        if tail.vmdescription is not None:
+            with open(os.path.join(self.directory, "vmdesc.json"), "wb") as f:
+                f.write(tail.vmdescription)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def migrationEnded(self, result: MigrationResult) -> None:
+        complete, error = result.complete, result.error
+        try:
+            for image in self._images.values():
+                image.close()
+        except OSError as e:
+            complete, error = False, error or f"writing the RAM images failed: {e}"
+        tail = self._tail
+        manifest: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "complete": complete,
+            "error": error,
+            "machine": result.machine,
+            "channels": result.info.channels,
+            "uuid": result.uuid,
+            "source": result.info.peer,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result.info.startedAt)),
+            "duration_seconds": round(result.duration, 3),
+            "bytes_received": result.bytesReceived,
+            "page_size": result.pageSize,
+            "compression": result.compression,
+            "flush_mode": result.flushMode,
+            "zero_pages": result.zeroPages,
+            "ram_blocks": [
+                {"name": block.name, "length": block.length, "file": relative, **self._images[block.name].stats()}
+                for block, relative in self._order
+            ],
+            "device_state": None if tail is None else {
+                "file": "device-state.bin",
+                "length": len(tail.deviceState),
+                "sections": [
+                    {"idstr": d.idstr, "instance_id": d.instanceID, "version": d.version,
+                     "section_id": d.sectionID, "offset": d.offset, "length": d.length}
+                    for d in tail.devices
+                ],
+            },
+            "vmdesc": None if tail is None or tail.vmdescription is None else "vmdesc.json",
+            "multifd_device_state": self._deviceStatePackets,
+            "stream": result.stream,
+        }
+        self.manifest = manifest
+        writeFileAtomically(
+            os.path.join(self.directory, MANIFEST),
+            json.dumps(manifest, indent=2).encode() + b"\n",
+        )
+        if result.complete and not complete:
+            raise MigrationError(error or "capture incomplete")

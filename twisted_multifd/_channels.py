@@ -1,0 +1,301 @@
+"""
+The protocols of a migration's connections once their kind is known: thin
+wrappers that feed a pure parser and pass its events to the L{Migration}.
+
+Both stop reading their socket (C{pauseProducing}) whenever the migration
+says they must wait: before loading starts, and at sync barriers. Bytes
+already received stay unparsed in the parser until then; nothing is buffered
+beyond one read.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ._errors import ConnectionClosed, MigrationError, ProtocolError
+from ._incremental import IncrementalParser, ParserGenerator
+from ._initpacket import INIT_PACKET_SIZE, MultiFDInitPacket, parseInitPacket
+from ._mainstream import (
+    Command,
+    Configuration,
+    MainPage,
+    MainZeroPage,
+    MultiFDFlush,
+    RamBlockList,
+    RamSection,
+    RamSectionEnd,
+    StreamEnd,
+    StreamHeader,
+    FLUSH_PER_SECTION,
+    mainStream,
+)
+from ._packet import DeviceStatePacket, RamPacket, channelPackets
+from ._sniff import describePeer
+
+if TYPE_CHECKING:
+    from ._migration import Migration
+    from ._receiver import MigrationReceiverFactory
+
+log = Logger(namespace="twisted_multifd.channel")
+
+# The device-state tail is held in memory until the stream ends.
+MAX_TAIL = 256 * 1024 * 1024
+
+
+class _Channel(Protocol):
+    """
+    The shared driving loop: pull events while not paused, report errors to
+    the migration, notice the end of the connection.
+    """
+
+    migration: "Migration | None" = None
+    parser: IncrementalParser
+
+    def __init__(self, receiver: "MigrationReceiverFactory", peer: Any) -> None:
+        self.receiver = receiver
+        self.peer = peer
+        self.peerName = describePeer(peer)
+        self._paused = False
+        self._processing = False
+        self._lost: Failure | None = None
+        self._detached = False
+        self._finished = False
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._detached:
+            return
+        if self.migration is not None:
+            self.migration.countBytes(len(data))
+        self.parser.feed(data)
+        self._process()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._lost = reason
+        if self._detached:
+            return
+        self.parser.end()
+        self._process()
+
+    def release(self) -> None:
+        """
+        Start (or go on) reading and parsing.
+        """
+        if self._detached:
+            return
+        self._paused = False
+        if self._lost is None:
+            self.transport.resumeProducing()
+        self._process()
+
+    def _pause(self) -> None:
+        self._paused = True
+        if self._lost is None:
+            self.transport.pauseProducing()
+
+    def detach(self, abort: bool) -> None:
+        """
+        The migration is over: drop the connection (at once if it failed).
+        """
+        self._detached = True
+        if self._lost is None and self.transport is not None:
+            if abort:
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
+
+    def _process(self) -> None:
+        if self._processing:
+            return  # the outer loop picks up where this call would have
+        self._processing = True
+        try:
+            while not self._paused and not self._detached and not self._finished:
+                event = self.parser.nextEvent()
+                if event is None:
+                    if self._lost is not None:
+                        self._finished = True
+                        self._ended()
+                    break
+                self._handle(event)
+        except MigrationError as e:
+            self._fail(e.onConnection(self.label))
+        except Exception as e:
+            log.failure("{label}: unexpected error", label=self.label)
+            self._fail(MigrationError(f"{type(e).__name__}: {e}", connection=self.label))
+        finally:
+            self._processing = False
+        if self.parser.buffered > MAX_TAIL and not self._detached:
+            self._fail(ProtocolError(f"more than {MAX_TAIL} bytes held unparsed", connection=self.label))
+
+    def _fail(self, error: MigrationError) -> None:
+        if self.migration is not None:
+            self.migration.fail(error)
+        else:
+            log.error("{error}", error=str(error))
+            self._detached = True
+            if self._lost is None:
+                self.transport.abortConnection()
+
+    def _handle(self, event: Any) -> None:
+        raise NotImplementedError
+
+    def _ended(self) -> None:
+        """
+        The connection is gone and every byte of it has been parsed.
+        """
+        raise NotImplementedError
+
+
+class MainChannel(_Channel):
+    """
+    The main migration channel. It waits (not reading) until the migration
+    has all its channels, then parses the stream.
+    """
+
+    def __init__(self, receiver: "MigrationReceiverFactory", peer: Any) -> None:
+        super().__init__(receiver, peer)
+        self.parser = IncrementalParser(mainStream(receiver.pageSize))
+        self._paused = True
+
+    @property
+    def label(self) -> str:
+        return f"main channel from {self.peerName}"
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        log.info("{label}: classified as main channel", label=self.label)
+        try:
+            self.migration = self.receiver.mainArrived(self)
+        except MigrationError as e:
+            self._fail(e.onConnection(self.label))
+
+    def start(self) -> None:
+        self.release()
+
+    def resume(self) -> None:
+        self.release()
+
+    def _handle(self, event: Any) -> None:
+        migration = self.migration
+        assert migration is not None
+        if isinstance(event, MainZeroPage):
+            migration.mainZeroPage(event.block, event.offset)
+        elif isinstance(event, MainPage):
+            migration.mainPage(event.block, event.offset, event.data)
+        elif isinstance(event, MultiFDFlush):
+            self._syncPoint(migration.flushMode or "per-round")
+        elif isinstance(event, RamSectionEnd):
+            migration.flushMode = event.flushMode
+            if event.flushMode == FLUSH_PER_SECTION:
+                self._syncPoint(event.flushMode)
+        elif isinstance(event, RamSection):
+            migration.mainRamSection(event)
+        elif isinstance(event, RamBlockList):
+            migration.mainBlockList(event)
+        elif isinstance(event, Configuration):
+            migration.mainConfiguration(event)
+        elif isinstance(event, StreamHeader):
+            migration.mainHeader(event.version)
+        elif isinstance(event, Command):
+            migration.mainCommand(event)
+        elif isinstance(event, StreamEnd):
+            self._finished = True
+            migration.mainFinished(event.tail)
+
+    def _syncPoint(self, flushMode: str) -> None:
+        self._pause()
+        assert self.migration is not None
+        if self.migration.mainSyncPoint(flushMode):
+            self._paused = False
+            if self._lost is None:
+                self.transport.resumeProducing()
+
+    def _ended(self) -> None:
+        if self.migration is None or self.migration.ended:
+            return
+        self._fail(ConnectionClosed(
+            f"connection ended after {self.parser.consumed + self.parser.buffered} bytes,"
+            f" in the middle of the stream ({self._lost.getErrorMessage() if self._lost else ''})",
+            connection=self.label,
+        ))
+
+
+class MultiFDChannel(_Channel):
+    """
+    A multifd channel: reads its initial packet, joins its migration, then
+    (once the RAM block list is known) applies packets, stopping at each SYNC
+    until the main channel reaches the matching sync point.
+    """
+
+    channelID: int | None = None
+
+    def __init__(self, receiver: "MigrationReceiverFactory", peer: Any) -> None:
+        super().__init__(receiver, peer)
+        self.parser = IncrementalParser(self._stream())
+
+    @property
+    def label(self) -> str:
+        which = "" if self.channelID is None else f" {self.channelID}"
+        return f"multifd channel{which} from {self.peerName}"
+
+    def connectionMade(self) -> None:
+        log.info("{label}: classified as multifd channel", label=self.label)
+
+    def _stream(self) -> ParserGenerator:
+        yield parseInitPacket((yield INIT_PACKET_SIZE))
+        # Read after the migration released this channel: by then the main
+        # channel has settled the page size and configured compression.
+        assert self.migration is not None
+        yield from channelPackets(self.migration.pageSize, self.receiver.compression)
+
+    def _handle(self, event: Any) -> None:
+        migration = self.migration
+        if isinstance(event, RamPacket):
+            assert migration is not None
+            migration.multifdPacket(self, event)
+            if event.sync:
+                self._pause()
+                if migration.syncArrived(self) and not self._detached:
+                    self._paused = False
+                    if self._lost is None:
+                        self.transport.resumeProducing()
+        elif isinstance(event, MultiFDInitPacket):
+            self.channelID = event.channelID
+            self._pause()  # until the migration knows its RAM blocks
+            self.migration = self.receiver.multifdArrived(self, event)
+            self.migration.countBytes(INIT_PACKET_SIZE + self.parser.buffered)
+            log.info("{label}: joined {migration} (uuid {uuid})", label=self.label,
+                     migration=self.migration.label, uuid=event.uuid.hex())
+            if self.migration.blocks is not None:
+                self.release()
+        elif isinstance(event, DeviceStatePacket):
+            assert migration is not None
+            migration.multifdDeviceState(event)
+
+    def _ended(self) -> None:
+        migration = self.migration
+        if migration is None:
+            self.receiver.strayChannelLost(self, ConnectionClosed(
+                f"connection ended after {self.parser.consumed + self.parser.buffered} bytes,"
+                f" before its {INIT_PACKET_SIZE}-byte initial packet",
+                connection=self.label,
+            ))
+            return
+        if migration.ended:
+            return
+        if not self.parser.atBoundary:
+            self._fail(ConnectionClosed(
+                f"connection ended in the middle of a packet ({self.parser.buffered} bytes of it"
+                f" received; {self._lost.getErrorMessage() if self._lost else ''})",
+                connection=self.label,
+            ))
+            return
+        assert self.channelID is not None
+        migration.channelClosed(self.channelID)

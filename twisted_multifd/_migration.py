@@ -1,0 +1,385 @@
+"""
+One incoming migration: a main channel and N multifd channels, assembled in
+any order, loaded once all are in, kept in step at QEMU's sync barriers.
+
+Barrier semantics (QEMU's C{multifd_recv_sync_main}): a multifd channel that
+reads a SYNC packet applies that packet's pages, then stops reading its
+socket; the main channel, at a sync point (MULTIFD_FLUSH, or every RAM EOS in
+the per-section mode of 7.2/8.0), waits until every channel has stopped at
+its SYNC, then releases them all. So everything a channel sent before its
+SYNC is delivered before main passes the sync point, and nothing after it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from ._compression import compressionName
+from ._errors import ConnectionClosed, MigrationError, MigrationTimeout, ProtocolError
+from ._initpacket import MultiFDInitPacket
+from ._interfaces import IMigrationSink
+from ._mainstream import Command, Configuration, RamBlock, RamBlockList, RamSection
+from ._packet import DeviceStatePacket, RamPacket
+from ._records import MigrationInfo, MigrationResult
+from ._tail import StreamTail
+
+if TYPE_CHECKING:
+    from ._channels import MainChannel, MultiFDChannel
+
+log = Logger(namespace="twisted_multifd.migration")
+
+ASSEMBLING, LOADING, DRAINING, COMPLETE, FAILED = "assembling", "loading", "draining", "complete", "failed"
+
+
+def _formatRate(size: int, seconds: float) -> str:
+    mib = size / (1024 * 1024)
+    return f"{mib:.1f} MiB in {seconds:.2f} s ({mib / seconds if seconds > 0 else 0:.1f} MiB/s)"
+
+
+class Migration:
+    """
+    The session state of one migration. Channels report to it; it decides when
+    loading starts, when barriers pass, and how the migration ends.
+    """
+
+    def __init__(
+        self,
+        info: MigrationInfo,
+        sink: IMigrationSink,
+        *,
+        clock: IReactorTime,
+        pageSize: int,
+        compression: int | None,
+        channelTimeout: float,
+        onEnded: Callable[["Migration", MigrationResult], None],
+    ) -> None:
+        self.info = info
+        self.sink = sink
+        self.clock = clock
+        self.pageSize = pageSize
+        self.compression = compression
+        self.channelTimeout = channelTimeout
+        self._onEnded = onEnded
+        self.state = ASSEMBLING
+        self.main: MainChannel | None = None
+        self.multifd: dict[int, MultiFDChannel] = {}
+        self.uuid: bytes | None = None
+        self.blocks: dict[str, RamBlock] | None = None
+        self.configuration: Configuration | None = None
+        self.flushMode: str | None = None
+        self.zeroPagesOn: set[str] = set()
+        self.stream: dict[str, Any] = {"commands": []}
+        self.result: MigrationResult | None = None
+        self._tail: StreamTail | None = None
+        self._arrived: set[int] = set()
+        self._mainWaiting = False
+        self._closedChannels: set[int] = set()
+        self._bytes = 0
+        self._pagesWithData = 0
+        self._zeroPages = 0
+        self._started = clock.seconds()
+        self._timer: IDelayedCall | None = clock.callLater(
+            channelTimeout, self._timedOut, "all channels to connect"
+        )
+
+    @property
+    def label(self) -> str:
+        return f"migration {self.info.number} from {self.info.peer}"
+
+    @property
+    def ended(self) -> bool:
+        return self.state in (COMPLETE, FAILED)
+
+    # Assembly
+
+    def attachMain(self, channel: "MainChannel") -> None:
+        if self.main is not None:
+            raise ProtocolError(f"a second main channel for {self.label}")
+        self.main = channel
+        self._maybeStart()
+
+    def attachMultiFD(self, channel: "MultiFDChannel", init: MultiFDInitPacket) -> None:
+        n = self.info.channels
+        if n == 0:
+            raise ProtocolError(
+                "multifd channel, but this receiver expects plain migrations (channels = 0)",
+                field="initial packet",
+            )
+        if init.channelID >= n:
+            # QEMU itself lets id == N through (off by one); it must not pass.
+            raise ProtocolError(
+                f"channel id {init.channelID}, expected 0 to {n - 1}", field="initial packet id"
+            )
+        if init.channelID in self.multifd:
+            raise ProtocolError(f"channel id {init.channelID} twice", field="initial packet id")
+        if self.uuid is None:
+            self.uuid = init.uuid
+        elif init.uuid != self.uuid:
+            raise ProtocolError(
+                f"uuid {init.uuid.hex()}, other channels sent {self.uuid.hex()}",
+                field="initial packet uuid",
+            )
+        self.multifd[init.channelID] = channel
+        self._maybeStart()
+
+    def _maybeStart(self) -> None:
+        if self.state != ASSEMBLING or self.main is None or len(self.multifd) != self.info.channels:
+            return
+        self.state = LOADING
+        self._cancelTimer()
+        log.info("{label}: all {n} multifd channels and the main channel are in; loading",
+                 label=self.label, n=self.info.channels)
+        self.sink.migrationStarted(self.info)
+        self.main.start()
+
+    # Main channel events
+
+    def mainHeader(self, version: int) -> None:
+        self.stream["version"] = version
+
+    def mainConfiguration(self, configuration: Configuration) -> None:
+        self.configuration = configuration
+        self.stream["configuration"] = configuration.raw.hex()
+        if configuration.targetPageBits is not None:
+            self.pageSize = 1 << configuration.targetPageBits
+        log.info("{label}: machine {machine}", label=self.label, machine=configuration.machine)
+        self.sink.configuration(configuration)
+
+    def mainRamSection(self, section: RamSection) -> None:
+        if section.kind == "START":
+            self.stream["ram_section"] = {
+                "section_id": section.sectionID,
+                "instance_id": section.instanceID,
+                "version": section.version,
+            }
+
+    def mainCommand(self, command: Command) -> None:
+        self.stream["commands"].append(command.name)
+
+    def mainBlockList(self, blockList: RamBlockList) -> None:
+        self.blocks = {block.name: block for block in blockList.blocks}
+        self.stream["ram_total"] = blockList.total
+        self.sink.ramBlocks(blockList.blocks, self.pageSize)
+        log.info("{label}: {count} RAM blocks, {mib:.1f} MiB",
+                 label=self.label, count=len(blockList.blocks), mib=blockList.total / 1048576)
+        for channel in list(self.multifd.values()):
+            channel.release()
+
+    def mainPage(self, block: RamBlock, offset: int, data: bytes) -> None:
+        self._pagesWithData += 1
+        self.sink.writePages(block, (offset,), data)
+
+    def mainZeroPage(self, block: RamBlock, offset: int) -> None:
+        self.zeroPagesOn.add("main")
+        self._zeroPages += 1
+        self.sink.zeroPages(block, (offset,))
+
+    def mainSyncPoint(self, flushMode: str) -> bool:
+        """
+        Main reached a sync point. Returns True if it may go on at once;
+        otherwise the main channel has to wait for L{MainChannel.resume}.
+        """
+        self.flushMode = flushMode
+        if not self.multifd:
+            return True
+        missing = self._closedChannels - self._arrived
+        if missing:
+            raise ConnectionClosed(
+                f"multifd channel {min(missing)} closed before reaching the sync point",
+                connection=self.label,
+            )
+        if len(self._arrived) == len(self.multifd):
+            self._passBarrier(resumeMain=False)
+            return True
+        self._mainWaiting = True
+        return False
+
+    def mainFinished(self, tail: StreamTail) -> None:
+        """
+        The main stream parsed to its end. Channels still parked at a SYNC
+        (QEMU 9.1/9.2 send one that no FLUSH collects) are released; the
+        migration completes when every channel has closed cleanly.
+        """
+        self.state = DRAINING
+        self._tail = tail
+        self._arrived.clear()
+        for channel in list(self.multifd.values()):
+            channel.release()
+        if not self.ended:
+            self._maybeComplete()
+            if not self.ended:
+                self._timer = self.clock.callLater(
+                    self.channelTimeout, self._timedOut, "the multifd channels to close"
+                )
+
+    # Multifd channel events
+
+    def multifdPacket(self, channel: "MultiFDChannel", packet: RamPacket) -> None:
+        if packet.block is not None:
+            block = self.blocks.get(packet.block) if self.blocks is not None else None
+            if block is None:
+                raise ProtocolError(f"unknown RAMBlock {packet.block!r}", field="ramblock")
+            if self.state == DRAINING:
+                raise ProtocolError("pages after the end of the main stream", field="packet")
+            pageSize = self.pageSize
+            limit = block.length - pageSize
+            for offset in packet.normalOffsets + packet.zeroOffsets:
+                if offset % pageSize or offset > limit:
+                    raise ProtocolError(
+                        f"offset {offset:#x} is not a page of {block.name!r} ({block.length:#x} bytes)",
+                        field="offset",
+                    )
+            value = packet.compression
+            if self.compression is None:
+                self.compression = value
+            elif value != self.compression:
+                raise ProtocolError(
+                    f"compression is {compressionName(value)}, expected {compressionName(self.compression)}",
+                    field="packet flags",
+                )
+            if packet.normalOffsets:
+                self._pagesWithData += len(packet.normalOffsets)
+                self.sink.writePages(block, packet.normalOffsets, packet.data)
+            if packet.zeroOffsets:
+                self.zeroPagesOn.add("multifd")
+                self._zeroPages += len(packet.zeroOffsets)
+                self.sink.zeroPages(block, packet.zeroOffsets)
+
+    def multifdDeviceState(self, packet: DeviceStatePacket) -> None:
+        self.sink.deviceStatePacket(packet)
+
+    def syncArrived(self, channel: "MultiFDChannel") -> bool:
+        """
+        A channel read a SYNC. Returns True if it may go on reading, False if
+        it must stop until released.
+        """
+        if self.state == DRAINING:
+            return True  # a SYNC that no FLUSH collects
+        self._arrived.add(channel.channelID)
+        if self._mainWaiting and len(self._arrived) == len(self.multifd):
+            self._passBarrier(resumeMain=True)
+            # _passBarrier released this channel too.
+            return True
+        return False
+
+    def _passBarrier(self, resumeMain: bool) -> None:
+        self._arrived.clear()
+        self._mainWaiting = False
+        for channel in list(self.multifd.values()):
+            channel.release()
+        if resumeMain and self.main is not None:
+            self.main.resume()
+
+    def countBytes(self, size: int) -> None:
+        self._bytes += size
+
+    def channelClosed(self, channelID: int) -> None:
+        """
+        A multifd channel's connection ended at a packet boundary.
+        """
+        self._closedChannels.add(channelID)
+        if self.state == DRAINING:
+            self._maybeComplete()
+        elif self._mainWaiting and channelID not in self._arrived:
+            self.fail(ConnectionClosed(
+                f"multifd channel {channelID} closed before reaching the sync point",
+                connection=self.label,
+            ))
+
+    def _maybeComplete(self) -> None:
+        if self.state == DRAINING and self._closedChannels >= set(self.multifd):
+            self._end(None)
+
+    # Ending
+
+    def fail(self, error: MigrationError) -> None:
+        if self.ended:
+            return
+        self._end(error)
+
+    def _timedOut(self, what: str) -> None:
+        self._timer = None
+        if self.state == ASSEMBLING:
+            have = sorted(self.multifd)
+            missing = "main channel" if self.main is None else "multifd channels"
+            detail = (
+                f"waited {self.channelTimeout:g} s for {what}: have"
+                f" {'the main channel' if self.main else 'no main channel'} and multifd channels"
+                f" {have} of {self.info.channels}"
+            )
+            self.fail(MigrationTimeout(f"{missing} missing; {detail}", connection=self.label))
+        else:
+            open_ = sorted(set(self.multifd) - self._closedChannels)
+            self.fail(MigrationTimeout(
+                f"main stream ended but multifd channels {open_} did not close within"
+                f" {self.channelTimeout:g} s", connection=self.label))
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _end(self, error: MigrationError | None) -> None:
+        self._cancelTimer()
+        self.state = FAILED if error else COMPLETE
+        channels = [self.main, *self.multifd.values()]
+        for channel in channels:
+            if channel is not None:
+                channel.detach(abort=error is not None)
+        duration = self.clock.seconds() - self._started
+        result = self._result(error, duration)
+        try:
+            if error is None:
+                self.sink.streamEnded(self._tail)
+            self.sink.migrationEnded(result)
+        except Exception as e:
+            # The sink could not record the migration (disk full, say): it is
+            # not complete, whatever the wire said.
+            if not isinstance(e, MigrationError):
+                log.failure("{label}: the sink failed", label=self.label)
+            if error is None:
+                self.state = FAILED
+                result = self._result(
+                    MigrationError(f"storing the migration failed: {e}", connection=self.label), duration
+                )
+        self.result = result
+        if result.complete:
+            log.info("{label}: complete: {rate}, {data} pages with data, {zero} zero pages",
+                     label=self.label, rate=_formatRate(result.bytesReceived, duration),
+                     data=result.pagesWithData, zero=result.zeroPageRecords)
+        else:
+            log.error("{label}: failed after {rate}: {error}", label=self.label,
+                      rate=_formatRate(result.bytesReceived, duration), error=result.error)
+        self._onEnded(self, result)
+
+    def _result(self, error: MigrationError | None, duration: float) -> MigrationResult:
+        configuration = self.configuration
+        zeroPages = None
+        if self.zeroPagesOn:
+            zeroPages = "+".join(sorted(self.zeroPagesOn))
+        return MigrationResult(
+            info=self.info,
+            complete=error is None,
+            error=None if error is None else str(error),
+            machine=None if configuration is None else configuration.machine,
+            uuid=None if self.uuid is None else _formatUUID(self.uuid),
+            pageSize=self.pageSize,
+            compression=None if self.compression is None else compressionName(self.compression),
+            flushMode=self.flushMode if self.multifd else None,
+            zeroPages=zeroPages,
+            bytesReceived=self._bytes,
+            pagesWithData=self._pagesWithData,
+            zeroPageRecords=self._zeroPages,
+            duration=duration,
+            stream=dict(self.stream, flush_mode=self.flushMode),
+        )
+
+
+def _formatUUID(raw: bytes) -> str:
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
