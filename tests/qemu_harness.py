@@ -230,19 +230,23 @@ class QemuBinary:
             argv += ["-L", str(directory)]
         return argv
 
-    @functools.cached_property
+    @property
     def version(self) -> tuple[int, int, int]:
         """(major, minor, micro) from ``--version``."""
-        out = subprocess.run(
-            [*self.base_argv(), "--version"], capture_output=True, text=True, timeout=30, check=False
-        )
-        match = re.search(r"version (\d+)\.(\d+)\.(\d+)", out.stdout)
-        if match is None:
-            raise QemuUnavailable(f"{self.executable} --version printed {out.stdout!r} {out.stderr!r}")
-        return (int(match.group(1)), int(match.group(2)), int(match.group(3)))
+        return _qemu_version(tuple(self.base_argv()))
 
     def __str__(self) -> str:
         return f"QEMU {'.'.join(map(str, self.version))} ({self.executable})"
+
+
+@functools.lru_cache(maxsize=None)
+def _qemu_version(base_argv: tuple[str, ...]) -> tuple[int, int, int]:
+    """Run ``--version`` once per build, not once per test."""
+    out = subprocess.run([*base_argv, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    match = re.search(r"version (\d+)\.(\d+)\.(\d+)", out.stdout)
+    if match is None:
+        raise QemuUnavailable(f"{base_argv[0]} --version printed {out.stdout!r} {out.stderr!r}")
+    return (int(match.group(1)), int(match.group(2)), int(match.group(3)))
 
 
 def find_qemu(label: str) -> QemuBinary:
@@ -261,9 +265,7 @@ def find_qemu(label: str) -> QemuBinary:
         binary = QemuBinary(label, Path(os.environ.get("TMF_QEMU72", QEMU72_DEFAULT)))
     elif label == "10.0":
         prefix = Path(os.environ.get("TMF_QEMU10_PREFIX", QEMU10_PREFIX_DEFAULT))
-        data_dirs = tuple(
-            d for d in (prefix / "usr/share/qemu", prefix / "usr/share/seabios") if d.is_dir()
-        )
+        data_dirs = tuple(d for d in (prefix / "usr/share/qemu", prefix / "usr/share/seabios") if d.is_dir())
         binary = QemuBinary(label, prefix / "usr/bin/qemu-system-x86_64", data_dirs)
     else:
         raise ValueError(f"unknown QEMU label {label!r}")
@@ -344,7 +346,8 @@ class ManagedProcess:
             except subprocess.TimeoutExpired:
                 pass
         rc = self.popen.poll()
-        state = "running" if rc is None else f"exited with {rc}"
+        age = time.monotonic() - self.started
+        state = f"running for {age:.1f}s" if rc is None else f"exited with {rc}"
         lines = [f"--- {self.name} (pid {self.popen.pid}, {state}): {' '.join(self.argv)}"]
         for label, path in (("stderr", self.stderr_path), ("stdout", self.stdout_path)):
             text = _tail(path).rstrip()
@@ -517,7 +520,13 @@ class MigrationSettings:
 
 
 class QemuVM(ManagedProcess):
-    """A QEMU process driven over QMP (source or destination of a migration)."""
+    """A QEMU process driven over QMP (source or destination of a migration).
+
+    Always started with ``-S``: a source stays in prelaunch, so no vCPU ever
+    touches its RAM (QEMU migrates a prelaunch VM fine, 7.2 and 10.0 alike),
+    and a destination stays paused after the migration, so its memory is
+    exactly what arrived.
+    """
 
     def __init__(
         self,
@@ -582,7 +591,9 @@ class QemuVM(ManagedProcess):
                 return f"tcp:{address['host']}:{address['port']}"
         raise HarnessError(f"migrate-incoming {uri}: no tcp socket-address in query-migrate\n{self.describe()}")
 
-    def wait_migration(self, timeout: float = MIGRATION_TIMEOUT, context: Callable[[], str] | None = None) -> dict[str, Any]:
+    def wait_migration(
+        self, timeout: float = MIGRATION_TIMEOUT, context: Callable[[], str] | None = None
+    ) -> dict[str, Any]:
         """Poll ``query-migrate`` until ``completed``; raise on failure/timeout.
 
         Works on both ends (a destination reports its incoming status).
@@ -593,7 +604,11 @@ class QemuVM(ManagedProcess):
 
         def finished() -> bool:
             nonlocal info
-            info = self.query_migrate()
+            try:
+                info = self.query_migrate()
+            except QMPError as exc:
+                # This QEMU died; the other parties' logs usually say why.
+                raise HarnessError(f"{self.name} stopped answering QMP during migration\n{detail()}") from exc
             status = info.get("status")
             if status in ("failed", "cancelled"):
                 raise HarnessError(
@@ -770,7 +785,7 @@ class MainLastRelay:
             main, multifd = self._classify(deadline)
             for conn in [*multifd, main]:
                 self._connect_upstream(conn)
-        except Exception as exc:  # reported through check()/describe()
+        except Exception as exc:  # reported through describe(); the source then fails fast
             if not self._closing:
                 self.errors.append(f"setup: {exc!r}")
             self.close()
@@ -784,6 +799,10 @@ class MainLastRelay:
                 raise HarnessTimeout(
                     f"relay accepted {index} of {self.channels + 1} connections before its deadline"
                 ) from None
+            except OSError:
+                if self._closing:
+                    return
+                raise
             sock.setblocking(True)
             self.connections.append(RelayedConnection(index, sock))
         self._listener.close()
@@ -795,6 +814,8 @@ class MainLastRelay:
         main: RelayedConnection | None = None
         while len(multifd) < self.channels:
             remaining = deadline - time.monotonic()
+            if self._closing:
+                raise HarnessError("relay closed while classifying connections")
             if remaining <= 0:
                 raise HarnessTimeout(f"relay classified only {len(multifd)} multifd channels: {self.describe()}")
             readable, _, _ = select.select([c.source for c in pending], [], [], min(remaining, 0.5))
@@ -844,9 +865,7 @@ class MainLastRelay:
         self._spawn(self._pump, f"relay-{conn.accept_index}-up", conn, conn.source, upstream, "to_upstream")
         self._spawn(self._pump, f"relay-{conn.accept_index}-down", conn, upstream, conn.source, "to_source")
 
-    def _pump(
-        self, conn: RelayedConnection, src: socket.socket, dst: socket.socket, counter: str
-    ) -> None:
+    def _pump(self, conn: RelayedConnection, src: socket.socket, dst: socket.socket, counter: str) -> None:
         """Copy one direction; forward EOF as a half-close; close when both ended."""
         try:
             while True:
@@ -879,9 +898,7 @@ class MainLastRelay:
     def finished(self) -> bool:
         """True when every connection has been relayed to EOF both ways."""
         with self._lock:
-            return len(self.connections) == self.channels + 1 and all(
-                c.directions_done == 2 for c in self.connections
-            )
+            return len(self.connections) == self.channels + 1 and all(c.directions_done == 2 for c in self.connections)
 
     def describe(self) -> str:
         with self._lock:
@@ -893,6 +910,10 @@ class MainLastRelay:
     def close(self) -> None:
         """Tear everything down; safe to call from any thread, repeatedly."""
         self._closing = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
+        except OSError:
+            pass
         self._listener.close()
         for conn in list(self.connections):
             for sock in (conn.source, conn.upstream):
@@ -943,7 +964,9 @@ class QemuLab:
         path = self.workdir / name
         return path, write_backing_file(path)
 
-    def start_source(self, binary: QemuBinary, backing_file: Path, settings: MigrationSettings, name: str = "source") -> QemuVM:
+    def start_source(
+        self, binary: QemuBinary, backing_file: Path, settings: MigrationSettings, name: str = "source"
+    ) -> QemuVM:
         """A never-started VM whose RAM is ``backing_file``, ready to ``migrate``."""
         vm = self._track(QemuVM(binary, name, source_machine_args(backing_file), self.log_dir, self.socket_dir))
         settings.apply(vm)
@@ -962,13 +985,13 @@ class QemuLab:
         ``machine`` lets a newer QEMU receive from an older one (e.g.
         ``pc-i440fx-7.2`` on 10.0); the default matches :meth:`start_source`.
         """
-        vm = self._track(
-            QemuVM(binary, name, destination_machine_args(), self.log_dir, self.socket_dir, machine)
-        )
+        vm = self._track(QemuVM(binary, name, destination_machine_args(), self.log_dir, self.socket_dir, machine))
         settings.apply(vm)
         return vm, vm.migrate_incoming(uri)
 
-    def start_receiver(self, channels: int, output: Path, extra_args: Sequence[str] = (), name: str = "receiver") -> ReceiverProcess:
+    def start_receiver(
+        self, channels: int, output: Path, extra_args: Sequence[str] = (), name: str = "receiver"
+    ) -> ReceiverProcess:
         return self._track(ReceiverProcess(name, channels, output, self.log_dir, extra_args))
 
     def start_relay(self, upstream: str, channels: int) -> MainLastRelay:
@@ -979,7 +1002,9 @@ class QemuLab:
         source.migrate(uri)
         return source.wait_migration(timeout, self.describe)
 
-    def destination_memory(self, destination: QemuVM, size: int = RAM_SIZE, timeout: float = MIGRATION_TIMEOUT) -> bytes:
+    def destination_memory(
+        self, destination: QemuVM, size: int = RAM_SIZE, timeout: float = MIGRATION_TIMEOUT
+    ) -> bytes:
         """Wait for the destination's incoming migration, then ``pmemsave``."""
         destination.wait_migration(timeout, self.describe)
         return destination.pmemsave(self.workdir / f"{destination.name}-pmemsave.bin", size)

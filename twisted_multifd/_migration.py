@@ -273,6 +273,18 @@ class Migration:
         if resumeMain and self.main is not None:
             self.main.resume()
 
+    def progressLine(self) -> str:
+        """
+        One line on how far the migration is, for logs.
+        """
+        elapsed = self.clock.seconds() - self._started
+        line = f"{self.label}: {self.state}, {_formatRate(self._bytes, elapsed)}"
+        total = self.stream.get("ram_total")
+        if total:
+            pages = self._pagesWithData + self._zeroPages
+            line += f", {pages} pages of {total // self.pageSize} received ({100 * pages * self.pageSize / total:.0f}%)"
+        return line
+
     def countBytes(self, size: int) -> None:
         self._bytes += size
 

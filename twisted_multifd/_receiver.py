@@ -82,6 +82,7 @@ class MigrationReceiverFactory(ServerFactory):
         self.channelTimeout = channelTimeout
         self.onMigrationEnded = onMigrationEnded
         self.clock = clock
+        self.noisy = False
         self.migrations: list[Migration] = []
         self._assembling: dict[str, Migration] = {}
         self._count = 0

@@ -1,0 +1,116 @@
+"""
+The command line over real sockets: recorded QEMU connections are played into
+a `twisted-multifd receive --once` process, main channel last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from captures import recorded
+
+
+def _waitForFile(path: str, process: subprocess.Popen, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and open(path).read().strip():
+            return open(path).read().strip()
+        if process.poll() is not None:
+            raise AssertionError(f"receiver exited early: {process.communicate()[1]}")
+        time.sleep(0.02)
+    raise AssertionError("receiver did not write its address file")
+
+
+def _startReceiver(tmp_path, channels: int, *extra: str) -> tuple[subprocess.Popen, tuple[str, int]]:
+    addressFile = str(tmp_path / "address")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twisted_multifd", "receive", "--listen", "tcp:0:interface=127.0.0.1",
+         "--channels", str(channels), "--output", str(tmp_path / "capture"), "--once",
+         "--address-file", addressFile, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    address = _waitForFile(addressFile, process)
+    kind, host, port = address.split(":")
+    assert kind == "tcp"
+    return process, (host, int(port))
+
+
+@pytest.mark.parametrize("name", ["cap72-4", "cap10-4-zstd"])
+def test_receiveMainChannelLast(tmp_path, name: str) -> None:
+    migration = recorded(name)
+    process, address = _startReceiver(tmp_path, migration.channels)
+    try:
+        sockets = []
+        # Multifd channels first, in reverse, then the main channel last.
+        for index in [*range(migration.channels, 0, -1), 0]:
+            s = socket.create_connection(address)
+            sockets.append((index, s))
+        for index, s in sockets:
+            s.sendall(migration.streams[index])
+        # Like QEMU: multifd channels are closed before the main channel.
+        for index, s in sockets:
+            s.shutdown(socket.SHUT_WR)
+        for index, s in sockets:
+            s.close()
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    manifest = json.load(open(tmp_path / "capture" / "manifest.json"))
+    assert manifest["complete"] is True
+    assert manifest["error"] is None
+    assert manifest["channels"] == migration.channels
+    block = {b["name"]: b for b in manifest["ram_blocks"]}["pc.ram"]
+    image = open(tmp_path / "capture" / block["file"], "rb").read()
+    assert image == migration.memory
+    assert "complete" in err
+
+
+def test_incompleteCaptureExitsNonZero(tmp_path) -> None:
+    migration = recorded("cap72-1")
+    process, address = _startReceiver(tmp_path, 1)
+    try:
+        main = socket.create_connection(address)
+        channel = socket.create_connection(address)
+        channel.sendall(migration.streams[1])
+        main.sendall(migration.streams[0][: len(migration.streams[0]) // 2])
+        channel.close()
+        main.close()
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    manifest = json.load(open(tmp_path / "capture" / "manifest.json"))
+    assert manifest["complete"] is False
+    assert "main channel" in manifest["error"] and "middle of the stream" in manifest["error"]
+
+
+def test_cannotListen(tmp_path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "twisted_multifd", "receive", "--listen", f"tcp:{port}:interface=127.0.0.1",
+         "--output", str(tmp_path / "c"), "--once"],
+        capture_output=True, text=True, timeout=60,
+    )
+    busy.close()
+    assert result.returncode == 2
+    assert "cannot listen" in result.stderr
+
+
+def test_badOption() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "twisted_multifd", "receive", "--channels", "300"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "channels" in result.stderr and "Traceback" not in result.stderr

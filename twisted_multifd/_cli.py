@@ -1,0 +1,90 @@
+"""
+The C{twisted-multifd} command.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import react
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogBeginner,
+)
+from twisted.python import usage
+
+from ._options import MultifdOptions
+from ._records import MigrationResult
+from ._service import ReceiverService, makeReceiverFactory
+
+
+def _stderrObserver(event: dict) -> None:
+    level = event.get("log_level")
+    namespace = event.get("log_namespace", "")
+    if not namespace.startswith("twisted_multifd") and level in (LogLevel.debug, LogLevel.info):
+        return  # Twisted's own chatter (ports opening, main loop ending)
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None and event.get("log_level") in (LogLevel.critical,):
+        text += "\n" + failure.getTraceback()
+    prefix = "" if level in (LogLevel.info, None) else f"{level.name}: "
+    sys.stderr.write(f"twisted-multifd: {prefix}{text}\n")
+    sys.stderr.flush()
+
+
+def startLogging(verbose: bool = False) -> None:
+    predicate = LogLevelFilterPredicate(LogLevel.debug if verbose else LogLevel.info)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(_stderrObserver, [predicate])], redirectStandardIO=False
+    )
+
+
+async def _receive(reactor: Any, options: Any) -> int:
+    done: Deferred[MigrationResult] = Deferred()
+
+    def ended(result: MigrationResult) -> None:
+        if options["once"] and not done.called:
+            done.callback(result)
+
+    factory = makeReceiverFactory(options, reactor, ended)
+    service = ReceiverService(
+        serverFromString(reactor, options["listen"]), factory,
+        addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
+    )
+    service.startService()
+    try:
+        await service.whenListening
+    except Exception as e:
+        sys.stderr.write(f"twisted-multifd: error: cannot listen on {options['listen']}: {e}\n")
+        return 2
+    if not options["once"]:
+        await Deferred()  # until interrupted
+    result = await done
+    await service.stopService()
+    return 0 if result.complete else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = MultifdOptions()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        sys.stderr.write(f"{options}\ntwisted-multifd: error: {e}\n")
+        raise SystemExit(2)
+    startLogging()
+
+    def run(reactor: Any) -> Deferred[None]:
+        async def command() -> None:
+            code = await _receive(reactor, options.subOptions)
+            if code:
+                raise SystemExit(code)
+
+        return Deferred.fromCoroutine(command())
+
+    react(run)

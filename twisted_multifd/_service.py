@@ -1,0 +1,173 @@
+"""
+Building a running receiver from options: used by the command line and by
+the twistd plugin (C{twistd -n multifd receive ...}).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any, Callable
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ._capture import CaptureWriter
+from ._errors import MigrationError
+from ._options import MultifdOptions as Options
+from ._receiver import MigrationReceiverFactory
+from ._records import MigrationInfo, MigrationResult
+
+log = Logger(namespace="twisted_multifd.service")
+
+
+def captureSinkFactory(output: str, once: bool) -> Callable[[MigrationInfo], CaptureWriter]:
+    """
+    With C{once}, the first migration is written into C{output} itself and any
+    other is refused; otherwise each migration gets its own sub-folder named
+    after its start time, source and number.
+    """
+    taken: list[int] = []
+
+    def makeSink(info: MigrationInfo) -> CaptureWriter:
+        if once:
+            if taken:
+                raise MigrationError(
+                    f"receiving one migration only (--once); migration {taken[0]} is already being received"
+                )
+            taken.append(info.number)
+            return CaptureWriter(output)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(info.startedAt))
+        host = re.sub(r"[^A-Za-z0-9.-]+", "_", info.peer)
+        return CaptureWriter(os.path.join(output, f"{stamp}-{host}-{info.number}"))
+
+    return makeSink
+
+
+def describeAddress(address: Any) -> str:
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"tcp:{host}:{address.port}"
+    return f"unix:{getattr(address, 'name', '')}"
+
+
+def makeReceiverFactory(
+    options: Any, reactor: Any, onMigrationEnded: Callable[[MigrationResult], None] | None = None
+) -> MigrationReceiverFactory:
+    return MigrationReceiverFactory(
+        captureSinkFactory(options["output"], options["once"]),
+        channels=options["channels"],
+        compression=options["compression"],
+        pageSize=options["page-size"],
+        sniffTimeout=options["sniff-timeout"],
+        channelTimeout=options["channel-timeout"],
+        onMigrationEnded=onMigrationEnded,
+        clock=reactor,
+    )
+
+
+def progressReporter(factory: MigrationReceiverFactory, interval: float, reactor: Any) -> LoopingCall:
+    """
+    A quiet log line per loading migration every C{interval} seconds.
+    """
+
+    def report() -> None:
+        for migration in factory.migrations:
+            log.info("{line}", line=migration.progressLine())
+
+    call = LoopingCall(report)
+    call.clock = reactor
+    return call
+
+
+def writeAddressFile(path: str | None, address: Any) -> None:
+    if path:
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as f:
+            f.write(describeAddress(address) + "\n")
+        os.replace(temporary, path)
+
+
+class ReceiverService(Service):
+    """
+    Listens with a receiver factory; announces the address (log line and
+    optional address file) and logs progress while it runs.
+
+    @ivar whenListening: fires with the listening port, or fails.
+    """
+
+    def __init__(self, endpoint: Any, factory: MigrationReceiverFactory, *, addressFile: str | None,
+                 progressInterval: float, clock: Any) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.addressFile = addressFile
+        self.whenListening: Deferred[Any] = Deferred()
+        self._progress = progressReporter(factory, progressInterval, clock)
+        self._interval = progressInterval
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.endpoint.listen(self.factory)
+
+        def listening(port: Any) -> Any:
+            self._port = port
+            address = port.getHost()
+            writeAddressFile(self.addressFile, address)
+            log.info("listening on {address} for migrations with {n} multifd channels",
+                     address=describeAddress(address), n=self.factory.channels)
+            self._progress.start(self._interval, now=False)
+            return port
+
+        d.addCallback(listening)
+        d.chainDeferred(self.whenListening)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._progress.running:
+            self._progress.stop()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        return None
+
+
+def makeService(options: Any) -> IService:
+    """
+    The twistd plugin's entry point: C{twistd -n multifd receive [options]}.
+    """
+    from twisted.internet import reactor
+
+    receive = options.subOptions if options.subCommand else _defaultReceiveOptions()
+
+    def ended(result: MigrationResult) -> None:
+        if receive["once"]:
+            reactor.callLater(0, reactor.stop)
+
+    factory = makeReceiverFactory(receive, reactor, ended)
+    service = ReceiverService(
+        serverFromString(reactor, receive["listen"]), factory,
+        addressFile=receive["address-file"], progressInterval=receive["progress-interval"], clock=reactor,
+    )
+
+    def cannotListen(failure: Any) -> None:
+        log.error("cannot listen on {listen}: {error}", listen=receive["listen"], error=failure.getErrorMessage())
+        reactor.stop()
+
+    service.whenListening.addErrback(cannotListen)
+    return service
+
+
+def _defaultReceiveOptions() -> Any:
+    from ._options import ReceiveOptions
+
+    defaults = ReceiveOptions()
+    defaults.parseOptions([])
+    return defaults
+
+
+__all__ = ["Options", "makeService"]
