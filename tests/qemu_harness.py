@@ -28,6 +28,7 @@ of every process involved; nothing here can hang a CI job.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -239,7 +240,7 @@ class QemuBinary:
         return f"QEMU {'.'.join(map(str, self.version))} ({self.executable})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _qemu_version(base_argv: tuple[str, ...]) -> tuple[int, int, int]:
     """Run ``--version`` once per build, not once per test."""
     out = subprocess.run([*base_argv, "--version"], capture_output=True, text=True, timeout=30, check=False)
@@ -341,10 +342,8 @@ class ManagedProcess:
     def describe(self, settle: float = 0.0) -> str:
         """State and log tails; ``settle`` waits (bounded) for a dying child."""
         if settle and self.alive():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(settle)
-            except subprocess.TimeoutExpired:
-                pass
         rc = self.popen.poll()
         age = time.monotonic() - self.started
         state = f"running for {age:.1f}s" if rc is None else f"exited with {rc}"
@@ -874,19 +873,15 @@ class MainLastRelay:
                     break
                 dst.sendall(data)
                 setattr(conn, counter, getattr(conn, counter) + len(data))
-            try:
+            with contextlib.suppress(OSError):  # the peer already closed; nothing left to tell it
                 dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # the peer already closed; nothing left to tell it
         except OSError as exc:
             if not self._closing:
                 conn.errors.append(f"{counter}: {exc!r}")
             # One direction broke: wake the other one too instead of waiting out its timeout.
             for sock in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
         finally:
             with self._lock:
                 conn.directions_done += 1
@@ -910,19 +905,15 @@ class MainLastRelay:
     def close(self) -> None:
         """Tear everything down; safe to call from any thread, repeatedly."""
         self._closing = True
-        try:
+        with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
-        except OSError:
-            pass
         self._listener.close()
         for conn in list(self.connections):
             for sock in (conn.source, conn.upstream):
                 if sock is None:
                     continue
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
         if threading.current_thread() in self._threads:
             return
         for thread in self._threads:

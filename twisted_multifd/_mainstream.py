@@ -438,3 +438,74 @@ class _RamState:
             )
         self.blocks = blocks
         return RamBlockList(total, tuple(blocks.values()))
+
+
+# Encoders: the same structures, written (used by senders and test sources).
+
+
+def buildHeader(version: int = QEMU_VM_FILE_VERSION) -> bytes:
+    return struct.pack(">II", QEMU_VM_FILE_MAGIC, version)
+
+
+def buildConfiguration(
+    machine: str,
+    capabilities: tuple[str, ...] = (),
+    uuid: bytes | None = None,
+    targetPageBits: int | None = None,
+) -> bytes:
+    name = machine.encode("ascii")
+    out = bytes([SECTION_CONFIGURATION]) + struct.pack(">I", len(name)) + name
+
+    def subsection(subName: str, body: bytes) -> bytes:
+        raw = subName.encode("ascii")
+        return bytes([SUBSECTION, len(raw)]) + raw + struct.pack(">I", 1) + body
+
+    if targetPageBits is not None:
+        out += subsection("configuration/target-page-bits", struct.pack(">I", targetPageBits))
+    if capabilities:
+        body = struct.pack(">I", len(capabilities))
+        for capability in capabilities:
+            raw = capability.encode("ascii")
+            body += bytes([len(raw)]) + raw
+        out += subsection("configuration/capabilities", body)
+    if uuid is not None:
+        out += subsection("configuration/uuid", uuid)
+    return out
+
+
+def buildSectionHeader(
+    kind: int, sectionID: int, idstr: str = "ram", instanceID: int = 0, version: int = RAM_SECTION_VERSION
+) -> bytes:
+    if kind in (SECTION_START, SECTION_FULL):
+        raw = idstr.encode("ascii")
+        return struct.pack(">BIB", kind, sectionID, len(raw)) + raw + struct.pack(">II", instanceID, version)
+    return struct.pack(">BI", kind, sectionID)
+
+
+def buildFooter(sectionID: int) -> bytes:
+    return struct.pack(">BI", SECTION_FOOTER, sectionID)
+
+
+def buildRamRecord(flags: int, offset: int = 0, block: str | None = None, payload: bytes = b"") -> bytes:
+    """
+    One RAM record: C{be64 offset|flags}, the block name unless C{block} is
+    L{None} (then CONTINUE should be in C{flags}), then C{payload}.
+    """
+    out = struct.pack(">Q", offset | flags)
+    if block is not None:
+        raw = block.encode("ascii")
+        out += bytes([len(raw)]) + raw
+    return out + payload
+
+
+def buildBlockList(blocks: tuple[RamBlock, ...] | list[RamBlock]) -> bytes:
+    total = sum(block.length for block in blocks)
+    out = struct.pack(">Q", total | RAM_MEM_SIZE)
+    for block in blocks:
+        raw = block.name.encode("ascii")
+        out += bytes([len(raw)]) + raw + struct.pack(">Q", block.length)
+    return out
+
+
+def buildCommand(number: int, data: bytes = b"") -> bytes:
+    return struct.pack(">BHH", SECTION_COMMAND, number, len(data)) + data
