@@ -32,6 +32,7 @@ fi
 
 if [ ! -x "$PREFIX/usr/bin/qemu-system-x86_64" ]; then
     work=$(mktemp -d)
+    chmod 755 "$work"  # apt downloads as the _apt user
     trap 'rm -rf "$work"' EXIT
     (cd "$work" && apt-get download -q \
         qemu-system-x86/bookworm-backports \

@@ -73,7 +73,7 @@ STDERR_TAIL = 3000
 QEMU72_DEFAULT = Path("/usr/bin/qemu-system-x86_64")
 QEMU10_PREFIX_DEFAULT = Path("/opt/twisted-multifd/qemu-10.0")
 
-_Part = TypeVar("_Part", "ManagedProcess", "MainLastRelay")
+_Part = TypeVar("_Part", bound="ManagedProcess | MainLastRelay")
 
 
 class HarnessError(Exception):

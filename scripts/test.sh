@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs (real QEMU 7.2 and 10.0, the
+# package with its test extras) and runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-qemu.sh
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+exec python3 -m pytest "$@"
