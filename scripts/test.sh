@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-qemu.sh
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/ here
+python3 -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
 exec python3 -m pytest "$@"

@@ -114,3 +114,33 @@ def test_badOption() -> None:
     )
     assert result.returncode == 2
     assert "channels" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_twistdPlugin(tmp_path) -> None:
+    """
+    `twistd -n multifd receive --once` receives a migration (main channel last).
+    """
+    migration = recorded("cap72-1")
+    addressFile = str(tmp_path / "address")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+         "-n", "--pidfile=", "--logfile=-", "multifd", "receive",
+         "--listen", "tcp:0:interface=127.0.0.1", "--channels", "1", "--output", str(tmp_path / "capture"),
+         "--once", "--address-file", addressFile],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )
+    try:
+        _, host, port = _waitForFile(addressFile, process).split(":")
+        channel = socket.create_connection((host, int(port)))
+        main = socket.create_connection((host, int(port)))
+        channel.sendall(migration.streams[1])
+        main.sendall(migration.streams[0])
+        channel.close()
+        main.close()
+        out, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert "complete" in out
+    manifest = json.load(open(tmp_path / "capture" / "manifest.json"))
+    assert manifest["complete"] is True
+    assert open(tmp_path / "capture" / "ram" / "pc.ram.img", "rb").read() == migration.memory
