@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/install-qemu.sh
 # compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/ here
 python3 -m pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+# Real-QEMU tests fail (not skip) when QEMU is missing.
+export TMF_REQUIRE_QEMU=1
 exec python3 -m pytest "$@"

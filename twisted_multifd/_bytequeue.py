@@ -31,6 +31,8 @@ class ByteQueue:
         """
         if size > self._length:
             raise ValueError(f"take({size}) with only {self._length} bytes queued")
+        if size == 0:
+            return b""
         self._length -= size
         first = self._chunks[0]
         available = len(first) - self._offset

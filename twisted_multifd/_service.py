@@ -86,7 +86,7 @@ def progressReporter(factory: MigrationReceiverFactory, interval: float, reactor
 
 def writeAddressFile(path: str | None, address: Any) -> None:
     if path:
-        temporary = f"{path}.tmp"
+        temporary = f"{path}.tmp"  # renamed into place: readers never see half an address
         with open(temporary, "w") as f:
             f.write(describeAddress(address) + "\n")
         os.replace(temporary, path)
