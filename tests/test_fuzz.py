@@ -1,0 +1,116 @@
+"""
+Hostile bytes: every decoder, fed arbitrary bytes in arbitrary chunks, either
+yields records or raises a ProtocolError of its own (never an internal
+error). Prefixes of real streams make the fuzzer reach deep states.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from captures import recorded
+from twisted_multifd._errors import ProtocolError
+from twisted_multifd._incremental import IncrementalParser
+from twisted_multifd._initpacket import parseInitPacket
+from twisted_multifd._mainstream import mainStream
+from twisted_multifd._packet import channelPackets
+from twisted_multifd._tail import splitTail
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _drive(parser, data, cuts):
+    position = 0
+    try:
+        for cut in sorted(c for c in cuts if c < len(data)) + [len(data)]:
+            parser.feed(data[position:cut])
+            position = cut
+            while parser.nextEvent() is not None:
+                pass
+        parser.end()
+        while parser.nextEvent() is not None:
+            pass
+    except ProtocolError as e:
+        assert not str(e).startswith("internal parser error"), str(e)
+
+
+def _mutated(base: bytes):
+    return st.tuples(
+        st.integers(min_value=0, max_value=len(base)),
+        st.lists(st.tuples(st.integers(min_value=0, max_value=len(base) - 1), st.integers(0, 255)), max_size=8),
+        st.binary(max_size=64),
+    ).map(lambda t: _apply(base[: t[0]], t[1], t[2]))
+
+
+def _apply(data: bytes, flips, suffix):
+    out = bytearray(data)
+    for index, value in flips:
+        if index < len(out):
+            out[index] = value
+    return bytes(out) + suffix
+
+
+MAIN = recorded("cap10-1").streams[0][:4096]
+MAIN72 = recorded("cap72-1").streams[0][:4096]
+CHANNEL = recorded("cap72-1").streams[1][64 : 64 + 3 * 1344 + 8192]
+CHANNEL10 = recorded("cap10-4-zstd").streams[1][64 : 64 + 20000]
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=2048), _mutated(MAIN), _mutated(MAIN72)),
+       cuts=st.lists(st.integers(0, 4200), max_size=10))
+def test_mainStreamFuzz(data, cuts):
+    _drive(IncrementalParser(mainStream()), data, cuts)
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=4096), _mutated(CHANNEL), _mutated(CHANNEL10)),
+       cuts=st.lists(st.integers(0, 25000), max_size=10),
+       compression=st.sampled_from([None, 0, 2, 4]))
+def test_multifdPacketFuzz(data, cuts, compression):
+    _drive(IncrementalParser(channelPackets(4096, compression)), data, cuts)
+
+
+@FUZZ
+@given(data=st.binary(min_size=64, max_size=64))
+def test_initPacketFuzz(data):
+    try:
+        packet = parseInitPacket(data)
+    except ProtocolError:
+        return
+    assert data[:4] == b"\x11\x22\x33\x44"
+    assert 0 <= packet.channelID <= 255
+
+
+TAIL = recorded("cap72-1").streams[0][-(12916 + 1 + 5 + 98915):]
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=512), _mutated(TAIL)))
+def test_tailFuzz(data):
+    try:
+        splitTail(data)
+    except ProtocolError:
+        pass
+
+
+def test_realTailSplits():
+    tail = splitTail(TAIL)
+    assert len(tail.devices) == 31 and len(tail.deviceState) == 12916
+
+
+@pytest.mark.parametrize("cut", [1, 100, 5000, 12915, 12916, 12922, 50000])
+def test_truncatedTailIsRefused(cut):
+    with pytest.raises(ProtocolError):
+        splitTail(TAIL[:cut])
+
+
+def test_tailWithoutVmdesc():
+    """
+    Device state and the EOF byte, nothing after: a stream from a source that
+    suppresses VMDESC; its sections are still walked and checked by footer.
+    """
+    tail = splitTail(TAIL[:12917])
+    assert tail.vmdescription is None
+    assert len(tail.devices) == 31
