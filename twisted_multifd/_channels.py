@@ -271,8 +271,6 @@ class MultiFDChannel(_Channel):
             self._pause()  # until the migration knows its RAM blocks
             self.migration = self.receiver.multifdArrived(self, event)
             self.migration.countBytes(INIT_PACKET_SIZE + self.parser.buffered)
-            log.info("{label}: joined {migration} (uuid {uuid})", label=self.label,
-                     migration=self.migration.label, uuid=event.uuid.hex())
             if self.migration.blocks is not None:
                 self.release()
         elif isinstance(event, DeviceStatePacket):

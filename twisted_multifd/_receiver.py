@@ -133,6 +133,8 @@ class MigrationReceiverFactory(ServerFactory):
         host = _sourceHost(channel.peer)
         migration = self._assembling.get(host) or self._newMigration(host)
         channel.migration = migration
+        log.info("{label}: joins {migration} (uuid {uuid})", label=channel.label,
+                 migration=migration.label, uuid=init.uuid.hex())
         self._attach(migration, host, lambda: migration.attachMultiFD(channel, init), channel)
         return migration
 

@@ -52,7 +52,8 @@ def describeAddress(address: Any) -> str:
     host = getattr(address, "host", None)
     if host is not None:
         return f"tcp:{host}:{address.port}"
-    return f"unix:{getattr(address, 'name', '')}"
+    name = getattr(address, "name", None) or b""
+    return "unix:" + (name.decode("utf-8", "replace") if isinstance(name, bytes) else name)
 
 
 def makeReceiverFactory(
