@@ -18,6 +18,7 @@ C{"error"}).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -40,11 +41,24 @@ MANIFEST_FORMAT = 1
 _NEVER, _ZERO, _DATA = 0, 1, 2
 
 
+# File names stay well under NAME_MAX (255 bytes) whatever the block name
+# (QEMU allows 255 bytes); the manifest maps names to files anyway.
+_MAX_NAME_STEM = 120
+
+
+def _safeStem(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._@-]+", "_", name).strip("._") or "block"
+    if len(stem) > _MAX_NAME_STEM:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        stem = f"{stem[:_MAX_NAME_STEM]}-{digest}"
+    return stem
+
+
 def _fileName(name: str, taken: set[str]) -> str:
     """
     A file name for a RAM block name such as C{/rom@etc/acpi/tables}.
     """
-    base = re.sub(r"[^A-Za-z0-9._@-]+", "_", name).strip("._") or "block"
+    base = _safeStem(name)
     candidate, n = base, 1
     while candidate in taken:
         n += 1
@@ -182,7 +196,7 @@ class CaptureWriter:
         folder = os.path.join(self.directory, "multifd-device-state")
         os.makedirs(folder, exist_ok=True)
         index = len(self._deviceStatePackets)
-        name = re.sub(r"[^A-Za-z0-9._@-]+", "_", packet.idstr)
+        name = _safeStem(packet.idstr)
         relative = f"multifd-device-state/{index:06d}-{name}-{packet.instanceID}.bin"
         with open(os.path.join(self.directory, relative), "wb") as f:
             f.write(packet.data)

@@ -212,7 +212,7 @@ class MainChannel(_Channel):
     def _syncPoint(self, flushMode: str) -> None:
         self._pause()
         assert self.migration is not None
-        if self.migration.mainSyncPoint(flushMode):
+        if self.migration.mainSyncPoint(flushMode) and not self._detached:
             self._paused = False
             if self._lost is None:
                 self.transport.resumeProducing()
@@ -276,6 +276,18 @@ class MultiFDChannel(_Channel):
         elif isinstance(event, DeviceStatePacket):
             assert migration is not None
             migration.multifdDeviceState(event)
+
+    def _fail(self, error: MigrationError) -> None:
+        if self.migration is None and not self._detached:
+            # Not joined yet (its initial packet was bad): the migration being
+            # assembled from this host can no longer complete, so it ends now,
+            # with this error, rather than at the channel timeout.
+            self._detached = True
+            if self._lost is None:
+                self.transport.abortConnection()
+            self.receiver.strayChannelLost(self, error)
+            return
+        super()._fail(error)
 
     def _ended(self) -> None:
         migration = self.migration

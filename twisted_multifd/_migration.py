@@ -315,14 +315,18 @@ class Migration:
     def _timedOut(self, what: str) -> None:
         self._timer = None
         if self.state == ASSEMBLING:
-            have = sorted(self.multifd)
-            missing = "main channel" if self.main is None else "multifd channels"
-            detail = (
-                f"waited {self.channelTimeout:g} s for {what}: have"
-                f" {'the main channel' if self.main else 'no main channel'} and multifd channels"
-                f" {have} of {self.info.channels}"
-            )
-            self.fail(MigrationTimeout(f"{missing} missing; {detail}", connection=self.label))
+            absent = sorted(set(range(self.info.channels)) - set(self.multifd))
+            missing = []
+            if self.main is None:
+                missing.append("the main channel")
+            if absent:
+                missing.append(f"multifd channels {absent}")
+            self.fail(MigrationTimeout(
+                f"{' and '.join(missing)} missing: waited {self.channelTimeout:g} s for {what};"
+                f" have {'the main channel' if self.main else 'no main channel'} and multifd channels"
+                f" {sorted(self.multifd)} of {self.info.channels}",
+                connection=self.label,
+            ))
         else:
             open_ = sorted(set(self.multifd) - self._closedChannels)
             self.fail(MigrationTimeout(

@@ -87,6 +87,28 @@ def _expectedDevices(vmdesc: bytes) -> list[tuple[str, int, int]]:
         raise ProtocolError(f"VMDESC JSON is not a device description: {e}", field="VMDESC")
 
 
+def _sectionEnd(
+    deviceState: bytes, search: int, sectionID: int, nextWant: tuple[str, int, int] | None
+) -> int | None:
+    """
+    Where the section with C{sectionID} whose body starts at C{search} ends:
+    just after a footer for it that is followed by the end of the device
+    state or by a plausible next header (the one VMDESC lists, if known).
+    """
+    footer = struct.pack(">BI", SECTION_FOOTER, sectionID)
+    while True:
+        found = deviceState.find(footer, search)
+        if found == -1:
+            return None
+        end = found + len(footer)
+        if end == len(deviceState):
+            return end
+        following = _header(deviceState, end)
+        if following is not None and (nextWant is None or following[1:4] == nextWant):
+            return end
+        search = found + 1
+
+
 def walkDeviceSections(
     deviceState: bytes, expected: list[tuple[str, int, int]] | None
 ) -> tuple[DeviceSection, ...]:
@@ -108,21 +130,13 @@ def walkDeviceSections(
                 field="device state",
             )
         nextWant = expected[index + 1] if expected is not None and index + 1 < len(expected) else None
-        footer = struct.pack(">BI", SECTION_FOOTER, sectionID)
-        search = pos + headerLength
-        while True:
-            found = deviceState.find(footer, search)
-            if found == -1:
-                raise ProtocolError(
-                    f"device section {idstr!r} (id {sectionID}) has no footer", field="device state"
-                )
-            end = found + len(footer)
-            if end == len(deviceState):
-                break
-            following = _header(deviceState, end)
-            if following is not None and (nextWant is None or following[1:4] == nextWant):
-                break
-            search = found + 1
+        end = _sectionEnd(deviceState, pos + headerLength, sectionID, nextWant)
+        if end is None and nextWant is not None:
+            # No footer is followed by the section VMDESC lists next: end at
+            # the first plausible one, so that the next pass names the mismatch.
+            end = _sectionEnd(deviceState, pos + headerLength, sectionID, None)
+        if end is None:
+            raise ProtocolError(f"device section {idstr!r} (id {sectionID}) has no footer", field="device state")
         sections.append(DeviceSection(idstr, instanceID, version, sectionID, pos, end - pos))
         pos = end
     if expected is not None and len(sections) != len(expected):
