@@ -23,7 +23,8 @@ def _waitForFile(path: str, process: subprocess.Popen, timeout: float = 30.0) ->
         if os.path.exists(path) and open(path).read().strip():
             return open(path).read().strip()
         if process.poll() is not None:
-            raise AssertionError(f"receiver exited early: {process.communicate()[1]}")
+            out, err = process.communicate()
+            raise AssertionError(f"receiver exited early ({process.returncode}): {out or ''}{err or ''}")
         time.sleep(0.02)
     raise AssertionError("receiver did not write its address file")
 
