@@ -20,6 +20,7 @@ from ._errors import ConnectionClosed, MigrationError, ProtocolError
 from ._incremental import IncrementalParser, ParserGenerator
 from ._initpacket import INIT_PACKET_SIZE, MultiFDInitPacket, parseInitPacket
 from ._mainstream import (
+    FLUSH_PER_SECTION,
     Command,
     Configuration,
     MainPage,
@@ -30,7 +31,6 @@ from ._mainstream import (
     RamSectionEnd,
     StreamEnd,
     StreamHeader,
-    FLUSH_PER_SECTION,
     mainStream,
 )
 from ._packet import DeviceStatePacket, RamPacket, channelPackets

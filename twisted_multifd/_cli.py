@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import react
 from twisted.logger import (
     FilteringLogObserver,
@@ -20,8 +19,6 @@ from twisted.logger import (
 from twisted.python import usage
 
 from ._options import MultifdOptions
-from ._records import MigrationResult
-from ._service import ReceiverService, makeReceiverFactory
 
 
 def _stderrObserver(event: dict) -> None:
@@ -45,31 +42,6 @@ def startLogging(verbose: bool = False) -> None:
     )
 
 
-async def _receive(reactor: Any, options: Any) -> int:
-    done: Deferred[MigrationResult] = Deferred()
-
-    def ended(result: MigrationResult) -> None:
-        if options["once"] and not done.called:
-            done.callback(result)
-
-    factory = makeReceiverFactory(options, reactor, ended)
-    service = ReceiverService(
-        serverFromString(reactor, options["listen"]), factory,
-        addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
-    )
-    service.startService()
-    try:
-        await service.whenListening
-    except Exception as e:
-        sys.stderr.write(f"twisted-multifd: error: cannot listen on {options['listen']}: {e}\n")
-        return 2
-    if not options["once"]:
-        await Deferred()  # until interrupted
-    result = await done
-    await service.stopService()
-    return 0 if result.complete else 1
-
-
 def main(argv: list[str] | None = None) -> None:
     options = MultifdOptions()
     try:
@@ -81,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def run(reactor: Any) -> Deferred[None]:
         async def command() -> None:
-            code = await _receive(reactor, options.subOptions)
+            code = await options.subOptions.run(reactor)
             if code:
                 raise SystemExit(code)
 

@@ -15,7 +15,12 @@ import struct
 
 import attrs
 
-from ._compression import COMPRESSION_MASK, Decompressor, compressionName, makeDecompressor
+from ._compression import (
+    COMPRESSION_MASK,
+    Decompressor,
+    compressionName,
+    makeDecompressor,
+)
 from ._errors import ProtocolError
 from ._incremental import RECORD_BOUNDARY, ParserGenerator
 from ._initpacket import MULTIFD_MAGIC, MULTIFD_VERSION

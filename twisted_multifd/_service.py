@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python import usage
 
 from ._capture import CaptureWriter
 from ._errors import MigrationError
@@ -139,36 +139,16 @@ class ReceiverService(Service):
 
 def makeService(options: Any) -> IService:
     """
-    The twistd plugin's entry point: C{twistd -n multifd receive [options]}.
+    The twistd plugin's entry point: C{twistd -n multifd COMMAND [options]}.
     """
     from twisted.internet import reactor
 
-    receive = options.subOptions if options.subCommand else _defaultReceiveOptions()
-
-    def ended(result: MigrationResult) -> None:
-        if receive["once"]:
-            reactor.callLater(0, reactor.stop)
-
-    factory = makeReceiverFactory(receive, reactor, ended)
-    service = ReceiverService(
-        serverFromString(reactor, receive["listen"]), factory,
-        addressFile=receive["address-file"], progressInterval=receive["progress-interval"], clock=reactor,
-    )
-
-    def cannotListen(failure: Any) -> None:
-        log.error("cannot listen on {listen}: {error}", listen=receive["listen"], error=failure.getErrorMessage())
-        reactor.stop()
-
-    service.whenListening.addErrback(cannotListen)
-    return service
-
-
-def _defaultReceiveOptions() -> Any:
-    from ._options import ReceiveOptions
-
-    defaults = ReceiveOptions()
-    defaults.parseOptions([])
-    return defaults
+    if not options.subCommand:
+        options.parseOptions(["receive"])
+    command = options.subOptions
+    if not hasattr(command, "makeService"):
+        raise usage.UsageError(f"{options.subCommand} is a one-off command; run it with twisted-multifd, not twistd")
+    return command.makeService(reactor)
 
 
 __all__ = ["Options", "makeService"]

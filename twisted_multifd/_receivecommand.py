@@ -1,0 +1,114 @@
+"""
+C{twisted-multifd receive}: receive migrations into captures, from the
+command line or as a twistd service.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from ._compression import SUPPORTED_COMPRESSION
+from ._options import DEFAULT_LISTEN, channelCount, positiveFloat
+from ._records import MigrationResult
+from ._service import ReceiverService, log, makeReceiverFactory
+
+
+class ReceiveOptions(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Receive QEMU live migrations (plain or multifd) on one port, whatever order the"
+        " source's connections arrive in, and write each into a capture directory."
+    )
+    optParameters = [
+        ["listen", "l", DEFAULT_LISTEN,
+         "Where to listen: a Twisted endpoint string such as tcp:4444:interface=127.0.0.1 or unix:/run/mig.sock."],
+        ["channels", "c", 2,
+         "Multifd channels per migration, as the source's multifd-channels (QEMU's default is 2);"
+         " 0 receives plain migrations (multifd capability off).", channelCount],
+        ["output", "o", "captures",
+         "Capture directory: with --once the capture itself, otherwise one sub-folder per migration."],
+        ["compression", None, "auto",
+         "Multifd compression the source uses: auto (accept the source's), " + ", ".join(SUPPORTED_COMPRESSION) + "."],
+        ["page-size", None, 4096, "Source target page size in bytes (4096 on x86).", int],
+        ["sniff-timeout", None, 120.0,
+         "Seconds a connection has to send its first 4 bytes (QEMU 9+ keeps the main channel"
+         " silent until every multifd channel is connected).", positiveFloat],
+        ["channel-timeout", None, 60.0,
+         "Seconds a migration waits for missing channels, and at the end for channels to close.",
+         positiveFloat],
+        ["progress-interval", None, 10.0, "Seconds between progress log lines.", positiveFloat],
+        ["address-file", None, None,
+         "Once listening, write the address (tcp:HOST:PORT or unix:PATH) to this file."],
+    ]
+    optFlags = [
+        ["once", None, "Receive one migration into --output, then exit: status 0 only if the capture is complete."],
+    ]
+
+    def run(self, reactor: Any) -> Any:
+        return runReceive(reactor, self)
+
+    def makeService(self, reactor: Any) -> IService:
+        return makeReceiveService(self, reactor)
+
+    def postOptions(self) -> None:
+        if self["compression"] != "auto" and self["compression"] not in SUPPORTED_COMPRESSION:
+            raise usage.UsageError(
+                f"--compression must be auto, {', '.join(SUPPORTED_COMPRESSION)}; not {self['compression']!r}"
+            )
+        size = self["page-size"]
+        if size < 1024 or size & (size - 1):
+            raise usage.UsageError(f"--page-size must be a power of two of at least 1024, not {size}")
+
+
+async def runReceive(reactor: Any, options: "ReceiveOptions") -> int:
+    done: Deferred[MigrationResult] = Deferred()
+
+    def ended(result: MigrationResult) -> None:
+        if options["once"] and not done.called:
+            done.callback(result)
+
+    factory = makeReceiverFactory(options, reactor, ended)
+    service = ReceiverService(
+        serverFromString(reactor, options["listen"]), factory,
+        addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
+    )
+    service.startService()
+    try:
+        await service.whenListening
+    except Exception as e:
+        sys.stderr.write(f"twisted-multifd: error: cannot listen on {options['listen']}: {e}\n")
+        return 2
+    if not options["once"]:
+        await Deferred()  # until interrupted
+    result = await done
+    await service.stopService()
+    return 0 if result.complete else 1
+
+
+def makeReceiveService(receive: "ReceiveOptions", reactor: Any) -> IService:
+    """
+    C{twistd -n multifd receive [options]}.
+    """
+
+    def ended(result: MigrationResult) -> None:
+        if receive["once"]:
+            reactor.callLater(0, reactor.stop)
+
+    factory = makeReceiverFactory(receive, reactor, ended)
+    service = ReceiverService(
+        serverFromString(reactor, receive["listen"]), factory,
+        addressFile=receive["address-file"], progressInterval=receive["progress-interval"], clock=reactor,
+    )
+
+    def cannotListen(failure: Any) -> None:
+        log.error("cannot listen on {listen}: {error}", listen=receive["listen"], error=failure.getErrorMessage())
+        reactor.stop()
+
+    service.whenListening.addErrback(cannotListen)
+    return service
