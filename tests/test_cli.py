@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -145,3 +146,33 @@ def test_twistdPlugin(tmp_path) -> None:
     manifest = json.load(open(tmp_path / "capture" / "manifest.json"))
     assert manifest["complete"] is True
     assert open(tmp_path / "capture" / "ram" / "pc.ram.img", "rb").read() == migration.memory
+
+
+def test_stoppedMidMigrationLeavesAnIncompleteManifest(tmp_path) -> None:
+    """
+    SIGTERM while a migration is loading: exit status 1 and a manifest that
+    says why the capture is not complete.
+    """
+    migration = recorded("cap72-1")
+    process, address = _startReceiver(tmp_path, 1)
+    try:
+        main = socket.create_connection(address)
+        channel = socket.create_connection(address)
+        main.sendall(migration.streams[0][:100_000])
+        channel.sendall(migration.streams[1][:100_000])
+        deadline = time.monotonic() + 30
+        # Wait until loading has started (the block list was logged).
+        lines = []
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            lines.append(line)
+            if "RAM blocks" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 1, "".join(lines) + err
+    manifest = json.load(open(tmp_path / "capture" / "manifest.json"))
+    assert manifest["complete"] is False
+    assert manifest["error"].endswith("the receiver was stopped")

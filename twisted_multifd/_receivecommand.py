@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -79,6 +79,8 @@ async def runReceive(reactor: Any, options: "ReceiveOptions") -> int:
         addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
     )
     service.startService()
+    # Ctrl-C or SIGTERM: migrations in progress end as failed, with a manifest.
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     try:
         await service.whenListening
     except Exception as e:
@@ -87,7 +89,7 @@ async def runReceive(reactor: Any, options: "ReceiveOptions") -> int:
     if not options["once"]:
         await Deferred()  # until interrupted
     result = await done
-    await service.stopService()
+    await maybeDeferred(service.stopService)
     return 0 if result.complete else 1
 
 

@@ -128,9 +128,14 @@ class ReceiverService(Service):
         d.chainDeferred(self.whenListening)
 
     def stopService(self) -> Any:
+        if not self.running:
+            return None
         super().stopService()
         if self._progress.running:
             self._progress.stop()
+        # A migration cut short by a stop gets a manifest that says so.
+        for migration in list(self.factory.migrations):
+            migration.fail(MigrationError("the receiver was stopped", connection=migration.label))
         if self._port is not None:
             port, self._port = self._port, None
             return port.stopListening()
