@@ -367,8 +367,11 @@ class Migration:
                      label=self.label, rate=_formatRate(result.bytesReceived, duration),
                      data=result.pagesWithData, zero=result.zeroPageRecords)
         else:
+            reason = result.error or ""
+            if reason.startswith(self.label + ": "):
+                reason = reason[len(self.label) + 2 :]
             log.error("{label}: failed after {rate}: {error}", label=self.label,
-                      rate=_formatRate(result.bytesReceived, duration), error=result.error)
+                      rate=_formatRate(result.bytesReceived, duration), error=reason)
         self._onEnded(self, result)
 
     def _result(self, error: MigrationError | None, duration: float) -> MigrationResult:
