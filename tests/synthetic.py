@@ -1,11 +1,17 @@
 """
-Synthetic QEMU migrations, built only with the library's own encoders
-(C{build*} in L{twisted_multifd._mainstream}, L{twisted_multifd._packet},
-L{twisted_multifd._initpacket}, L{twisted_multifd._tail}, and
-L{twisted_multifd._compression.makeCompressor} for compressed payloads).
+Synthetic QEMU migrations with fault injection, for the project's own tests.
 
-L{build} turns RAM block contents into the bytes of a main channel and N
-multifd channels, in one of two conventions (see the wire reference §4.2, §11):
+The streams come from L{twisted_multifd._testing_source.buildPieces}, the
+implementation behind the public L{twisted_multifd.testing} source (one copy
+of the formats: every byte is written by the library's encoders). What this
+module adds is test-only: each connection is a mutable L{Stream} of tagged
+pieces that remember their encoder, so that a test can inject a fault at one
+precise place: C{m.main.rebuild("PART1.zero:pc.ram@0x1000",
+payload=b"\\x01")}, C{m.multifd[0].remove("PART1.sync")}, ...
+
+L{build} keeps its defaults: L{sampleMemory} (a fixed layout the tests
+refer to by offset), no dirty rounds unless C{rounds} says so. Conventions
+(see the wire reference §4.2, §11):
 
 - C{"7.2"}, per-section: a SYNC on every channel before every RAM EOS, zero
   pages as ZERO records on main, data pages in multifd packets, every packet
@@ -16,13 +22,7 @@ multifd channels, in one of two conventions (see the wire reference §4.2, §11)
   SWITCHOVER_START command before END.
 
 With C{channels=0} every page is a PAGE or ZERO record on main (no 0x200).
-Each round of pages is one PART section. After RAM END come a few FULL device
-sections, the EOF byte and a VMDESC listing them. Options: zero pages on main
-in 10.0 (C{zero-page-detection=legacy}), zlib/zstd payloads, other page sizes.
-
-Every stream is a L{Stream} of tagged L{Piece}s, so that a test can inject a
-fault at one precise place: C{m.main.rebuild("PART1.zero:pc.ram@0x1000",
-payload=b"\\x01")}, C{m.multifd[0].remove("PART1.sync")}, ... Tags:
+Each round of pages is one PART section. Tags:
 
 - main: C{header}, C{config}, C{START}, C{START.blocks}, C{START.flush},
   C{START.eos}, C{START.footer}, C{PART<r>}, C{PART<r>.page:<block>@<offset>},
@@ -36,97 +36,42 @@ payload=b"\\x01")}, C{m.multifd[0].remove("PART1.sync")}, ... Tags:
 
 from __future__ import annotations
 
-import json
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 
-from twisted_multifd._compression import COMPRESSION_VALUES, makeCompressor
-from twisted_multifd._initpacket import MultiFDInitPacket, buildInitPacket
-from twisted_multifd._mainstream import (
-    COMMAND_SWITCHOVER_START,
-    RAM_CONTINUE,
-    RAM_EOS,
-    RAM_MULTIFD_FLUSH,
-    RAM_PAGE,
-    RAM_ZERO,
-    SECTION_END,
-    SECTION_FULL,
-    SECTION_PART,
-    SECTION_START,
-    RamBlock,
-    buildBlockList,
-    buildCommand,
-    buildConfiguration,
-    buildFooter,
-    buildHeader,
-    buildRamRecord,
-    buildSectionHeader,
-)
-from twisted_multifd._packet import FLAG_SYNC, buildRamPacket, pagesPerPacket
-from twisted_multifd._tail import buildTail
-
-PAGE_SIZE = 4096
-RAM_SECTION_ID = 2
-CONVENTIONS = ("7.2", "10.0")
-
-
-@attrs.frozen
-class Device:
-    """
-    A non-iterable device's FULL section in the tail.
-    """
-
-    name: str
-    instanceID: int
-    version: int
-    body: bytes
-    sectionID: int
-
-
-DEFAULT_DEVICES = (
-    Device("timer", 0, 2, bytes(range(1, 17)), 0),
-    Device("cpu_common", 0, 1, b"\x00\x00\x00\x01\x00", 4),
-    Device("apic", 0, 3, bytes(range(0x20, 0x40)), 5),
+from twisted_multifd._testing_source import (
+    CONVENTIONS,
+    DEFAULT_DEVICES,
+    DEFAULT_PAGE_SIZE,
+    RAM_SECTION_ID,
+    EncodedPiece,
+    SyntheticDevice,
+    buildDeviceSection,
+    buildPieces,
+    buildVMDescription,
+    encoded,
+    pagesOf,
 )
 
+PAGE_SIZE = DEFAULT_PAGE_SIZE
+Device = SyntheticDevice
+Piece = EncodedPiece
+buildDevice = buildDeviceSection
+buildVMDesc = buildVMDescription
 
-def buildDevice(device: Device) -> bytes:
-    return (
-        buildSectionHeader(SECTION_FULL, device.sectionID, device.name, device.instanceID, device.version)
-        + device.body
-        + buildFooter(device.sectionID)
-    )
-
-
-def buildVMDesc(devices: Sequence[Device], pageSize: int = PAGE_SIZE) -> bytes:
-    return json.dumps({
-        "page_size": pageSize,
-        "devices": [{"name": d.name, "instance_id": d.instanceID, "version": d.version} for d in devices],
-    }).encode()
-
-
-@attrs.define
-class Piece:
-    """
-    Bytes with a tag and, when it came from an encoder, how to encode it again
-    with some arguments changed (L{Stream.rebuild}).
-    """
-
-    tag: str
-    data: bytes
-    encoder: Callable[..., bytes] | None = None
-    args: dict[str, Any] = attrs.field(factory=dict)
-
-
-def _encoded(tag: str, encoder: Callable[..., bytes], **args: Any) -> Piece:
-    return Piece(tag, encoder(**args), encoder, args)
+__all__ = [
+    "CONVENTIONS", "DEFAULT_DEVICES", "PAGE_SIZE", "RAM_SECTION_ID", "Device", "Piece", "Stream",
+    "SyntheticMigration", "build", "buildDevice", "buildVMDesc", "pagesOf", "sampleMemory", "samplePage",
+]
 
 
 @attrs.define
 class Stream:
     """
-    The bytes one connection sends, as a list of tagged pieces.
+    The bytes one connection sends, as a list of tagged pieces that a test
+    may change.
     """
 
     pieces: list[Piece] = attrs.field(factory=list)
@@ -185,7 +130,7 @@ class Stream:
         """
         old = self[tag]
         assert old.encoder is not None, f"{tag} has no encoder"
-        new = _encoded(tag, old.encoder, **{**old.args, **changes})
+        new = encoded(tag, old.encoder, **{**old.args, **changes})
         self.pieces[self.index(tag)] = new
         return new
 
@@ -248,97 +193,6 @@ def sampleMemory() -> dict[str, bytes]:
     }
 
 
-def pagesOf(memory: Mapping[str, bytes], pageSize: int = PAGE_SIZE) -> dict[str, dict[int, bytes]]:
-    return {
-        name: {offset: content[offset : offset + pageSize] for offset in range(0, len(content), pageSize)}
-        for name, content in memory.items()
-    }
-
-
-class _Builder:
-    def __init__(
-        self, convention: str, channels: int, zeroPagesOnMain: bool, pageSize: int, compression: str
-    ) -> None:
-        self.pageSize = pageSize
-        self.compression = COMPRESSION_VALUES[compression]
-        # One never-finished stream per channel, as QEMU compresses.
-        self.compressors = [
-            None if compression == "none" else makeCompressor(compression) for _ in range(channels)
-        ]
-        self.perRound = convention == "10.0"
-        self.channels = channels
-        self.zeroPagesOnMain = zeroPagesOnMain or channels == 0
-        self.main = Stream()
-        self.multifd = [Stream() for _ in range(channels)]
-        self.packetNum = 0
-        self.nextChannel = 0
-        self.lastBlock: str | None = None
-
-    def packet(self, **args: Any) -> Piece:
-        args.setdefault("pagesAlloc", None if self.perRound else pagesPerPacket(self.pageSize))
-        piece = _encoded("", buildRamPacket, pageSize=self.pageSize, packetNum=self.packetNum, **args)
-        self.packetNum += 1
-        return piece
-
-    def sync(self, section: str) -> None:
-        """
-        SYNC on every channel, then (per-round) the MULTIFD_FLUSH on main.
-        """
-        if not self.channels:
-            return
-        for stream in self.multifd:
-            piece = self.packet(flags=FLAG_SYNC)
-            piece.tag = f"{section}.sync"
-            stream.add(piece)
-        if self.perRound:
-            self.main.add(_encoded(f"{section}.flush", buildRamRecord, flags=RAM_MULTIFD_FLUSH))
-
-    def endSection(self, section: str) -> None:
-        self.sync(section)
-        self.main.add(_encoded(f"{section}.eos", buildRamRecord, flags=RAM_EOS))
-        self.main.add(_encoded(f"{section}.footer", buildFooter, sectionID=RAM_SECTION_ID))
-
-    def mainRecord(self, section: str, name: str, offset: int, page: bytes) -> None:
-        zero = not any(page)
-        flags = RAM_ZERO if zero else RAM_PAGE
-        block: str | None = name
-        if name == self.lastBlock:
-            flags |= RAM_CONTINUE
-            block = None
-        self.lastBlock = name
-        self.main.add(_encoded(
-            f"{section}.{'zero' if zero else 'page'}:{name}@{offset:#x}", buildRamRecord,
-            flags=flags, offset=offset, block=block, payload=bytes(1) if zero else page,
-        ))
-
-    def part(self, section: str, pages: Mapping[str, Mapping[int, bytes]]) -> None:
-        self.main.add(_encoded(section, buildSectionHeader, kind=SECTION_PART, sectionID=RAM_SECTION_ID))
-        perPacket = pagesPerPacket(self.pageSize)
-        for name, blockPages in pages.items():
-            offsets = sorted(blockPages)
-            for start in range(0, len(offsets), perPacket):
-                normal, zero, data = [], [], b""
-                for offset in offsets[start : start + perPacket]:
-                    page = blockPages[offset]
-                    if self.channels and any(page):
-                        normal.append(offset)
-                        data += page
-                    elif self.channels and not self.zeroPagesOnMain:
-                        zero.append(offset)
-                    else:
-                        self.mainRecord(section, name, offset, page)
-                if normal or zero:
-                    compressor = self.compressors[self.nextChannel]
-                    if compressor is not None and data:
-                        data = compressor.compress(data)
-                    piece = self.packet(flags=self.compression, block=name, normalOffsets=tuple(normal),
-                                        zeroOffsets=tuple(zero), payload=data)
-                    piece.tag = f"{section}.packet{piece.args['packetNum']}"
-                    self.multifd[self.nextChannel].add(piece)
-                    self.nextChannel = (self.nextChannel + 1) % self.channels
-        self.endSection(section)
-
-
 def build(
     memory: Mapping[str, bytes] | None = None,
     *,
@@ -353,6 +207,7 @@ def build(
     devices: Sequence[Device] = DEFAULT_DEVICES,
     pageSize: int = PAGE_SIZE,
     compression: str = "none",
+    syncOnData: bool = False,
 ) -> SyntheticMigration:
     """
     A whole migration of C{memory} (block name -> contents, a whole number of
@@ -367,42 +222,29 @@ def build(
         in the configuration's target-page-bits subsection.
     @param compression: C{"none"}, C{"zlib"} or C{"zstd"} for the multifd
         payloads (SYNC-only packets carry no compression value, as in 10.0).
+    @param syncOnData: (7.2) SYNC riding on each channel's last data packet of
+        a section, then a flag-less empty packet; the tag C{<section>.sync} is
+        then C{<section>.empty} on channels that had data in the section.
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}")
-    memory = dict(sampleMemory() if memory is None else memory)
-    if zeroPagesOnMain is None:
-        zeroPagesOnMain = convention == "7.2"
-    b = _Builder(convention, channels, zeroPagesOnMain, pageSize, compression)
-    main = b.main
-
-    for i, stream in enumerate(b.multifd):
-        stream.add(_encoded("init", buildInitPacket, packet=MultiFDInitPacket(uuid=uuid, channelID=i)))
-    main.add(_encoded("header", buildHeader))
-    main.add(_encoded(
-        "config", buildConfiguration, machine=machine or f"pc-i440fx-{convention}",
-        capabilities=capabilities, uuid=configUUID,
-        targetPageBits=None if pageSize == PAGE_SIZE else pageSize.bit_length() - 1,
-    ))
-    blocks = tuple(RamBlock(name, len(content)) for name, content in memory.items())
-    main.add(_encoded("START", buildSectionHeader, kind=SECTION_START, sectionID=RAM_SECTION_ID))
-    main.add(_encoded("START.blocks", buildBlockList, blocks=blocks))
-    b.endSection("START")
-
-    final = {name: bytearray(content) for name, content in memory.items()}
-    for r, pages in enumerate([pagesOf(memory, pageSize), *rounds], start=1):
-        b.part(f"PART{r}", pages)
-        for name, blockPages in pages.items():
-            for offset, page in blockPages.items():
-                final[name][offset : offset + pageSize] = page
-
-    if convention == "10.0":
-        main.add(_encoded("switchover", buildCommand, number=COMMAND_SWITCHOVER_START))
-    main.add(_encoded("END", buildSectionHeader, kind=SECTION_END, sectionID=RAM_SECTION_ID))
-    b.endSection("END")
-    for device in devices:
-        main.add(_encoded(f"dev:{device.name}", buildDevice, device=device))
-    main.add(_encoded("tail", buildTail, deviceState=b"", vmdescription=buildVMDesc(devices, pageSize)))
+    built = buildPieces(
+        sampleMemory() if memory is None else memory,
+        convention=convention,  # type: ignore[arg-type]
+        channels=channels,
+        dirtyRounds=rounds,
+        zeroPagesOnMain=zeroPagesOnMain,
+        syncOnData=syncOnData,
+        machine=machine,
+        capabilities=capabilities,
+        configUUID=configUUID,
+        uuid=uuid,
+        devices=devices,
+        pageSize=pageSize,
+        compression=compression,  # type: ignore[arg-type]
+    )
     return SyntheticMigration(
-        convention, main, b.multifd, {name: bytes(c) for name, c in final.items()}, tuple(devices)
+        convention,
+        Stream(list(built.main)),
+        [Stream(list(pieces)) for pieces in built.multifd],
+        built.memory,
+        built.devices,
     )

@@ -3,8 +3,9 @@ The receiver against bad and odd input (wire reference §10): every malformed
 stream ends the migration with an error that names the connection and the
 field, never as complete; every odd-but-valid stream QEMU sends is accepted.
 
-Everything runs in memory: StringTransports that honour pauseProducing, a
-Clock for every timeout, synthetic migrations from L{synthetic}.
+Everything runs in memory: L{twisted_multifd.testing.MigrationPump} (whose
+StringTransports honour pauseProducing), a Clock for every timeout, synthetic
+migrations with faults injected from L{synthetic}.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
-from twisted.python.failure import Failure
 
-from memorypump import pump
 from synthetic import PAGE_SIZE, Device, SyntheticMigration, build, buildVMDesc, samplePage
 
 from twisted_multifd._capture import CaptureWriter
@@ -59,6 +57,7 @@ from twisted_multifd._packet import (
 from twisted_multifd._receiver import MigrationReceiverFactory
 from twisted_multifd._sniff import MAIN_CHANNEL, MULTIFD_CHANNEL, ChannelSniffer
 from twisted_multifd._tail import splitTail
+from twisted_multifd.testing import MigrationPump, PumpedConnection
 
 HOST = "192.0.2.1"
 CHANNEL_TIMEOUT = 60.0
@@ -69,54 +68,11 @@ CONVENTIONS = ["7.2", "10.0"]
 # Harness
 
 
-class Link:
+def consumed(link: PumpedConnection) -> int:
     """
-    One in-memory connection whose bytes a test hands out piece by piece;
-    like a socket, it delivers nothing while its reader is paused.
+    Bytes the channel's parser has taken (not merely received).
     """
-
-    def __init__(self, receiver: "Receiver", port: int, chunk: int = 65536) -> None:
-        peer = IPv4Address("TCP", HOST, port)
-        self.transport = StringTransport(peerAddress=peer)
-        self.protocol = receiver.factory.buildProtocol(peer)
-        self.protocol.makeConnection(self.transport)
-        self.chunk = chunk
-        self.pending = b""
-        self.closing = False
-        self.closed = False
-
-    @property
-    def paused(self) -> bool:
-        return self.transport.producerState == "paused"
-
-    @property
-    def consumed(self) -> int:
-        """
-        Bytes the channel's parser has taken (not merely received).
-        """
-        return self.protocol.delegate.parser.consumed
-
-    def send(self, data: bytes = b"", close: bool = False) -> None:
-        self.pending += data
-        self.closing |= close
-
-    def step(self) -> bool:
-        if self.closed:
-            return False
-        if self.transport.disconnecting or (self.closing and not self.pending and not self.paused):
-            self.closed = True
-            self.protocol.connectionLost(Failure(ConnectionDone()))
-            return True
-        if self.paused or not self.pending:
-            return False
-        piece, self.pending = self.pending[: self.chunk], self.pending[self.chunk :]
-        self.protocol.dataReceived(piece)
-        return True
-
-
-def run(*links: Link) -> None:
-    while any(link.step() for link in links):
-        pass
+    return link.protocol.delegate.parser.consumed
 
 
 class Receiver:
@@ -135,13 +91,25 @@ class Receiver:
             lambda info: CaptureWriter(str(directory / f"capture-{info.number}")),
             channels=channels, clock=self.clock, onMigrationEnded=self.results.append, **options,
         )
+        # Connections whose bytes a test hands out piece by piece (links);
+        # every end is delivered as soon as its bytes are read.
+        self._links = MigrationPump(self.factory, host=HOST, mainClosesLast=False)
 
     def pump(self, streams, order=None, chunk: int = 65536, mainLast: bool = True) -> None:
-        order = list(range(len(streams))) if order is None else order
-        pump(self.factory, streams, order, chunk, HOST, lastToClose=0 if mainLast else -1)
+        MigrationPump(self.factory, streams, order=order, chunkSizes=chunk, host=HOST,
+                      mainClosesLast=mainLast).flush()
 
-    def links(self, count: int) -> list[Link]:
-        return [Link(self, 40000 + n) for n in range(count)]
+    def links(self, count: int) -> list[PumpedConnection]:
+        """
+        C{count} open connections (ports 40000, 40001, ...) to C{send} to.
+        """
+        return [self._links.connect(close=False) for _ in range(count)]
+
+    def run(self) -> None:
+        """
+        Deliver what the links can take until nothing moves.
+        """
+        self._links.flush()
 
     @property
     def result(self):
@@ -264,7 +232,7 @@ def test_initPacketWithBadVersionFailsTheMigrationAtOnce(tmp_path: Path) -> None
         main, c0, c1 = receiver.links(3)
         for link, data in zip((main, c0, c1), m.streams):
             link.send(data)
-        run(main, c0, c1)
+        receiver.run()
     assert c1.transport.disconnected
     assert any("initial packet version: expected 1, got 2" in formatEvent(e) for e in events)
     # No need to wait for the channel timeout: the migration cannot complete.
@@ -355,7 +323,7 @@ def test_sniffDropsSilentConnectionAfterTimeoutNotBefore(tmp_path: Path, size: i
     receiver = Receiver(tmp_path, 2, sniffTimeout=5.0)
     [link] = receiver.links(1)
     link.send(b"QEVM"[:size])
-    run(link)
+    receiver.run()
     receiver.clock.advance(4.999)
     assert not link.transport.disconnecting
     receiver.clock.advance(0.001)
@@ -367,10 +335,10 @@ def test_sniffTimerStopsOnceClassified(tmp_path: Path) -> None:
     receiver = Receiver(tmp_path, 2, sniffTimeout=5.0, channelTimeout=1000.0)
     [link] = receiver.links(1)
     link.send(b"QEV")
-    run(link)
+    receiver.run()
     receiver.clock.advance(4.0)
     link.send(b"M")
-    run(link)
+    receiver.run()
     receiver.clock.advance(10.0)
     assert not link.transport.disconnecting
     assert len(receiver.factory.migrations) == 1
@@ -387,22 +355,22 @@ def syncPoint(convention: str, section: str = "START") -> str:
 def test_channelAtSyncStopsReadingUntilMainGetsThere(tmp_path: Path, convention: str) -> None:
     m = build(convention=convention, channels=2)
     receiver = Receiver(tmp_path, 2)
-    main, c0, c1 = links = receiver.links(3)
+    main, c0, c1 = receiver.links(3)
     c0.send(m.multifd[0].data(), close=True)
     c1.send(m.multifd[1]["init"].data)
     main.send(m.main.through("START.blocks"))
-    run(*links)
+    receiver.run()
     # Only channel 0 has reached its SYNC: it alone stops, right after it.
     assert (c0.paused, c1.paused, main.paused) == (True, False, False)
-    assert c0.consumed == len(m.multifd[0].through("START.sync"))
+    assert consumed(c0) == len(m.multifd[0].through("START.sync"))
     main.send(m.main.after("START.blocks"), close=True)
-    run(*links)
+    receiver.run()
     # Main at the sync point waits for channel 1; channel 0 still waits too.
     assert (c0.paused, main.paused) == (True, True)
-    assert main.consumed == len(m.main.through(syncPoint(convention)))
-    assert c0.consumed == len(m.multifd[0].through("START.sync"))
+    assert consumed(main) == len(m.main.through(syncPoint(convention)))
+    assert consumed(c0) == len(m.multifd[0].through("START.sync"))
     c1.send(m.multifd[1].after("init"), close=True)
-    run(*links)
+    receiver.run()
     receiver.assertComplete(m)
 
 
@@ -410,19 +378,19 @@ def test_channelAtSyncStopsReadingUntilMainGetsThere(tmp_path: Path, convention:
 def test_mainAtSyncPointWaitsForTheLastChannel(tmp_path: Path, convention: str) -> None:
     m = build(convention=convention, channels=2)
     receiver = Receiver(tmp_path, 2)
-    main, c0, c1 = links = receiver.links(3)
+    main, c0, c1 = receiver.links(3)
     c0.send(m.multifd[0]["init"].data)
     c1.send(m.multifd[1]["init"].data)
     main.send(m.main.data(), close=True)
-    run(*links)
+    receiver.run()
     assert main.paused
-    assert main.consumed == len(m.main.through(syncPoint(convention)))
+    assert consumed(main) == len(m.main.through(syncPoint(convention)))
     c0.send(m.multifd[0].after("init"), close=True)
-    run(*links)
+    receiver.run()
     assert main.paused and c0.paused
-    assert main.consumed == len(m.main.through(syncPoint(convention)))
+    assert consumed(main) == len(m.main.through(syncPoint(convention)))
     c1.send(m.multifd[1].after("init"), close=True)
-    run(*links)
+    receiver.run()
     receiver.assertComplete(m)
 
 
@@ -571,41 +539,41 @@ def test_everyKindOfRamEndIsFine(tmp_path: Path, ending: str) -> None:
 def test_channelsMayCloseBeforeMainFinishes(tmp_path: Path, convention: str) -> None:
     m = build(convention=convention, channels=2)
     receiver = Receiver(tmp_path, 2)
-    main, c0, c1 = links = receiver.links(3)
+    main, c0, c1 = receiver.links(3)
     c0.send(m.multifd[0].data(), close=True)
     c1.send(m.multifd[1].data(), close=True)
     main.send(m.main.until("tail"))
-    run(*links)
+    receiver.run()
     assert (c0.closed, c1.closed, main.closed) == (True, True, False)
     assert receiver.results == []
     main.send(m.main["tail"].data, close=True)
-    run(*links)
+    receiver.run()
     receiver.assertComplete(m)
 
 
 def test_channelsMayCloseAfterMain(tmp_path: Path) -> None:
     m = build(convention="10.0", channels=2)
     receiver = Receiver(tmp_path, 2)
-    main, c0, c1 = links = receiver.links(3)
+    main, c0, c1 = receiver.links(3)
     c0.send(m.multifd[0].data())
     c1.send(m.multifd[1].data())
     main.send(m.main.data(), close=True)
-    run(*links)
+    receiver.run()
     assert main.closed and receiver.results == []
     c0.send(close=True)
     c1.send(close=True)
-    run(*links)
+    receiver.run()
     receiver.assertComplete(m)
 
 
 def test_channelsNotClosingAfterMainEndedTimeOut(tmp_path: Path) -> None:
     m = build(convention="10.0", channels=2)
     receiver = Receiver(tmp_path, 2)
-    main, c0, c1 = links = receiver.links(3)
+    main, c0, c1 = receiver.links(3)
     c0.send(m.multifd[0].data(), close=True)
     c1.send(m.multifd[1].data())
     main.send(m.main.data(), close=True)
-    run(*links)
+    receiver.run()
     receiver.clock.advance(CHANNEL_TIMEOUT - 0.001)
     assert receiver.results == []
     receiver.clock.advance(0.001)

@@ -176,3 +176,17 @@ def test_stoppedMidMigrationLeavesAnIncompleteManifest(tmp_path) -> None:
     manifest = json.load(open(tmp_path / "capture" / "manifest.json"))
     assert manifest["complete"] is False
     assert manifest["error"].endswith("the receiver was stopped")
+
+
+def test_completeCaptureIsNeverOverwritten(tmp_path) -> None:
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    (capture / "manifest.json").write_text('{"complete": true}')
+    result = subprocess.run(
+        [sys.executable, "-m", "twisted_multifd", "receive", "--listen", "tcp:0:interface=127.0.0.1",
+         "--output", str(capture), "--once"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "already holds a complete capture" in result.stderr
+    assert (capture / "manifest.json").read_text() == '{"complete": true}'

@@ -1,86 +1,62 @@
 """
 The public API as an embedder uses it, over real loopback TCP inside the test's
-reactor (pytest-twisted): the example in docs/embedding.md.
+reactor (pytest-twisted): the sink example in docs/embedding.md, exactly as
+printed there, and L{twisted_multifd.testing.RecordingSink}.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest_twisted
-from twisted.internet import defer, endpoints, protocol, reactor
-from zope.interface import implementer
+from twisted.internet import defer, reactor
 
 from captures import recorded
-from twisted_multifd import IMigrationSink, MigrationReceiverFactory
+from twisted_multifd import MigrationReceiverFactory
+from twisted_multifd.testing import RecordingSink, playOverTCP, synthesizeMigration
+
+DOCS = Path(__file__).parent.parent / "docs"
 
 
-@implementer(IMigrationSink)
-class PagesInMemory:
+def documentedSinkClass() -> type:
     """
-    A sink that keeps pc.ram in a bytearray.
+    The C{PagesInMemory} class of docs/embedding.md, run from the document's
+    own text so that the example cannot drift from what is tested.
     """
-
-    def __init__(self):
-        self.ram = {}
-        self.tail = None
-        self.result = defer.Deferred()
-
-    def migrationStarted(self, info):
-        self.info = info
-
-    def configuration(self, configuration):
-        self.machine = configuration.machine
-
-    def ramBlocks(self, blocks, pageSize):
-        self.pageSize = pageSize
-        self.ram = {block.name: bytearray(block.length) for block in blocks}
-
-    def writePages(self, block, offsets, data):
-        image = self.ram[block.name]
-        for i, offset in enumerate(offsets):
-            image[offset : offset + self.pageSize] = data[i * self.pageSize : (i + 1) * self.pageSize]
-
-    def zeroPages(self, block, offsets):
-        image = self.ram[block.name]
-        for offset in offsets:
-            image[offset : offset + self.pageSize] = bytes(self.pageSize)
-
-    def deviceStatePacket(self, packet):
-        pass
-
-    def streamEnded(self, tail):
-        self.tail = tail
-
-    def migrationEnded(self, result):
-        self.result.callback(result)
-
-
-class _Send(protocol.Protocol):
-    def __init__(self, data):
-        self.data = data
-
-    def connectionMade(self):
-        self.transport.write(self.data)
+    text = (DOCS / "embedding.md").read_text()
+    [code] = [block for block in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "class PagesInMemory" in block]
+    namespace: dict = {}
+    exec(compile(code, "docs/embedding.md", "exec"), namespace)  # noqa: S102 (our own docs)
+    return namespace["PagesInMemory"]
 
 
 @pytest_twisted.inlineCallbacks
-def test_embeddedReceiverOverLoopback():
+def test_documentedSinkOverLoopback():
     migration = recorded("cap10-4")
-    sink = PagesInMemory()
-    factory = MigrationReceiverFactory(lambda info: sink, channels=4)
-    port = yield endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
-    try:
-        client = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        # Main channel last: the order QEMU 7.2's own destination cannot take.
-        senders = []
-        for index in (3, 1, 4, 2, 0):
-            sender = yield endpoints.connectProtocol(client, _Send(migration.streams[index]))
-            senders.append(sender)
-        for sender in senders:  # multifd first, main last, as QEMU closes them
-            sender.transport.loseConnection()
-        result = yield sink.result
-    finally:
-        yield port.stopListening()
+    sink = documentedSinkClass()()
+    ended = defer.Deferred()
+    factory = MigrationReceiverFactory(lambda info: sink, channels=4, onMigrationEnded=ended.callback)
+    # Main channel last: the order QEMU 7.2's own destination cannot take.
+    yield playOverTCP(reactor, factory, migration.streams, order=[3, 1, 4, 2, 0])
+    result = yield ended
     assert result.complete, result.error
     assert sink.machine == "pc-i440fx-10.0"
     assert bytes(sink.ram["pc.ram"]) == migration.memory
-    assert len(sink.tail.devices) == 31
+    assert len(sink.deviceState) == 12916
+
+
+@pytest_twisted.inlineCallbacks
+def test_recordingSinkOverLoopback():
+    migration = synthesizeMigration(seed=4, convention="7.2", channels=3, compression="zlib")
+    sink = RecordingSink()
+    factory = MigrationReceiverFactory(lambda info: sink, channels=3)
+    yield playOverTCP(reactor, factory, migration, order=[2, 3, 0, 1])
+    result = yield sink.whenEnded()
+    assert result.complete, result.error
+    assert (result.machine, result.compression, result.flushMode) == ("pc-i440fx-7.2", "zlib", "per-section")
+    assert sink.memory() == migration.memory
+    assert sink.tail.deviceState == migration.deviceState
+    methods = sink.methods()
+    assert methods[:3] == ["migrationStarted", "configuration", "ramBlocks"]
+    assert methods[-2:] == ["streamEnded", "migrationEnded"]

@@ -1,7 +1,8 @@
 """
 Real QEMU 7.2 and 10.0 connections (recorded byte for byte) played into the
-receiver over in-memory transports, in every connection order that matters
-and in many chunkings: the captured pc.ram must equal the source's memory.
+receiver over in-memory transports (L{twisted_multifd.testing.MigrationPump}),
+in every connection order that matters and in many chunkings: the captured
+pc.ram must equal the source's memory.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 
 from captures import CAPTURE_NAMES, recorded
-from memorypump import pump
 from twisted_multifd import CaptureWriter, MigrationReceiverFactory
 from twisted_multifd._incremental import IncrementalParser
 from twisted_multifd._mainstream import mainStream
 from twisted_multifd._packet import channelPackets
+from twisted_multifd.testing import MigrationPump
 
 
 def _receive(tmp_path, name, order, chunks, **factoryArgs):
@@ -32,7 +33,7 @@ def _receive(tmp_path, name, order, chunks, **factoryArgs):
         onMigrationEnded=results.append,
         **factoryArgs,
     )
-    pump(factory, migration.streams, order, chunks, lastToClose=0)
+    MigrationPump(factory, migration.streams, order=order, chunkSizes=chunks).flush()
     assert len(results) == 1, "the migration did not end"
     return migration, results[0], json.load(open(tmp_path / "manifest.json"))
 

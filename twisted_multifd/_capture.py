@@ -85,6 +85,17 @@ def writeFileAtomically(path: str, data: bytes) -> None:
         os.close(folder)
 
 
+def captureIsComplete(directory: str) -> bool:
+    """
+    Whether C{directory} holds a capture whose manifest says it is complete.
+    """
+    try:
+        with open(os.path.join(directory, MANIFEST), "rb") as f:
+            return json.load(f).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class _BlockImage:
     def __init__(self, block: RamBlock, path: str, pageSize: int) -> None:
         self.block = block
@@ -158,16 +169,11 @@ class CaptureWriter:
         self._deviceStatePackets: list[dict[str, Any]] = []
         self._configuration: Configuration | None = None
         os.makedirs(directory, exist_ok=True)
+        # Never overwrite a complete capture; a failed one may be replaced.
+        if captureIsComplete(directory):
+            raise FileExistsError(f"{directory} already holds a complete capture")
         existing = os.path.join(directory, MANIFEST)
         if os.path.exists(existing):
-            # Never overwrite a capture; a failed one may be replaced.
-            with open(existing, "rb") as f:
-                try:
-                    complete = json.load(f).get("complete") is True
-                except ValueError:
-                    complete = False
-            if complete:
-                raise FileExistsError(f"{directory} already holds a complete capture")
             os.unlink(existing)
 
     def migrationStarted(self, info: MigrationInfo) -> None:

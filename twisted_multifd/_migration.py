@@ -346,21 +346,22 @@ class Migration:
             if channel is not None:
                 channel.detach(abort=error is not None)
         duration = self.clock.seconds() - self._started
+        if error is None:
+            try:
+                self.sink.streamEnded(self._tail)
+            except Exception as e:
+                error = self._sinkFailed(e)
         result = self._result(error, duration)
         try:
-            if error is None:
-                self.sink.streamEnded(self._tail)
             self.sink.migrationEnded(result)
         except Exception as e:
-            # The sink could not record the migration (disk full, say): it is
-            # not complete, whatever the wire said.
-            if not isinstance(e, MigrationError):
-                log.failure("{label}: the sink failed", label=self.label)
-            if error is None:
-                self.state = FAILED
-                result = self._result(
-                    MigrationError(f"storing the migration failed: {e}", connection=self.label), duration
-                )
+            if result.complete:
+                # The sink could not record the migration (disk full, say): it
+                # is not complete, whatever the wire said.
+                result = self._result(self._sinkFailed(e), duration)
+            else:
+                log.failure("{label}: the sink failed while recording the failure", label=self.label)
+        self.state = COMPLETE if result.complete else FAILED
         self.result = result
         if result.complete:
             log.info("{label}: complete: {rate}, {data} pages with data, {zero} zero pages",
@@ -373,6 +374,11 @@ class Migration:
             log.error("{label}: failed after {rate}: {error}", label=self.label,
                       rate=_formatRate(result.bytesReceived, duration), error=reason)
         self._onEnded(self, result)
+
+    def _sinkFailed(self, e: Exception) -> MigrationError:
+        if not isinstance(e, MigrationError):
+            log.failure("{label}: the sink failed", label=self.label)
+        return MigrationError(f"storing the migration failed: {e}", connection=self.label)
 
     def _result(self, error: MigrationError | None, duration: float) -> MigrationResult:
         configuration = self.configuration

@@ -16,6 +16,7 @@ from twisted.python import usage
 from ._compression import SUPPORTED_COMPRESSION
 from ._options import DEFAULT_LISTEN, channelCount, positiveFloat
 from ._records import MigrationResult
+from ._capture import captureIsComplete
 from ._service import ReceiverService, log, makeReceiverFactory
 
 
@@ -70,8 +71,14 @@ async def runReceive(reactor: Any, options: "ReceiveOptions") -> int:
     done: Deferred[MigrationResult] = Deferred()
 
     def ended(result: MigrationResult) -> None:
-        if options["once"] and not done.called:
+        # With --once only the first migration counts; later ones are refused
+        # (and reported) while it runs.
+        if options["once"] and not done.called and result.info.number == 1:
             done.callback(result)
+
+    if options["once"] and captureIsComplete(options["output"]):
+        sys.stderr.write(f"twisted-multifd: error: {options['output']} already holds a complete capture\n")
+        return 2
 
     factory = makeReceiverFactory(options, reactor, ended)
     service = ReceiverService(

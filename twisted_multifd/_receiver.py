@@ -5,7 +5,6 @@ migration.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -29,6 +28,17 @@ DEFAULT_CHANNEL_TIMEOUT = 60.0
 
 def _sourceHost(address: Any) -> str:
     return getattr(address, "host", None) or "local"
+
+
+def _refused(info: MigrationInfo, pageSize: int, error: str) -> MigrationResult:
+    """
+    The result of a migration that could not even start (no sink for it).
+    """
+    return MigrationResult(
+        info=info, complete=False, error=error, machine=None, uuid=None, pageSize=pageSize,
+        compression=None, flushMode=None, zeroPages=None, bytesReceived=0, pagesWithData=0,
+        zeroPageRecords=0, duration=0.0,
+    )
 
 
 class MigrationReceiverFactory(ServerFactory):
@@ -99,12 +109,16 @@ class MigrationReceiverFactory(ServerFactory):
 
     def _newMigration(self, host: str) -> Migration:
         self._count += 1
-        info = MigrationInfo(self._count, host, self.channels, time.time())
+        info = MigrationInfo(self._count, host, self.channels, self.clock.seconds())
         try:
             sink = self.sinkFactory(info)
         except Exception as e:
-            log.failure("cannot store migration {n} from {host}", n=info.number, host=host)
-            raise MigrationError(f"cannot store migration {info.number}: {e}")
+            if not isinstance(e, MigrationError):
+                log.failure("cannot store migration {n} from {host}", n=info.number, host=host)
+            error = MigrationError(f"cannot store migration {info.number} from {host}: {e}")
+            if self.onMigrationEnded is not None:
+                self.onMigrationEnded(_refused(info, self.pageSize, str(error)))
+            raise error
         migration = Migration(
             info, sink, clock=self.clock, pageSize=self.pageSize, compression=self.compression,
             channelTimeout=self.channelTimeout, onEnded=self._ended,
