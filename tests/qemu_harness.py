@@ -389,6 +389,7 @@ class QMPClient:
         self.context = context
         self.timeout = timeout
         self.events: list[dict[str, Any]] = []
+        self._events_taken = 0
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._next_id = 0
@@ -464,6 +465,38 @@ class QMPClient:
             raise QMPError(f"QMP sent a non-object {message!r}")
         return message
 
+    def fileno(self) -> int:
+        """The QMP socket, for ``select`` on several QEMUs at once."""
+        if self._sock is None:
+            raise QMPError("QMP not connected")
+        return self._sock.fileno()
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """Events not returned before, without blocking.
+
+        Includes those that arrived while a command waited for its reply and
+        whatever the socket holds now; call it when :meth:`fileno` is
+        readable. Stray replies (none are outstanding here) are dropped.
+        """
+        if self._sock is None:
+            raise QMPError("QMP not connected")
+        while select.select([self._sock], [], [], 0)[0]:
+            try:
+                chunk = self._sock.recv(65536)
+            except OSError as exc:
+                raise QMPError(f"QMP connection failed while reading events: {exc!r}\n{self.context(2.0)}") from exc
+            if not chunk:
+                raise QMPError(f"QEMU closed QMP while we waited for events\n{self.context(2.0)}")
+            self._buffer += chunk
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            message = json.loads(line)
+            if isinstance(message, dict) and "event" in message:
+                self.events.append(message)
+        fresh = self.events[self._events_taken :]
+        self._events_taken = len(self.events)
+        return fresh
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -482,6 +515,10 @@ class MigrationSettings:
     channels: int = 0
     compression: str | None = None
     zero_page_detection: str | None = None
+    events: bool = False
+    """Turn on the ``events`` capability (MIGRATION status events over QMP)."""
+    max_bandwidth: int | None = None
+    """``max-bandwidth`` in bytes per second; None keeps QEMU's 128 MiB/s default."""
 
     def __post_init__(self) -> None:
         if self.channels < 0 or self.channels > 255:
@@ -502,14 +539,18 @@ class MigrationSettings:
         """Send the QMP commands; must run before ``migrate``/``migrate-incoming``."""
         if self.zero_page_detection is not None and vm.binary.version < (9, 0, 0):
             raise ValueError(f"zero-page-detection needs QEMU 9.0+, not {vm.binary}")
+        capabilities = []
         if self.channels:
-            vm.qmp.execute(
-                "migrate-set-capabilities",
-                {"capabilities": [{"capability": "multifd", "state": True}]},
-            )
+            capabilities.append({"capability": "multifd", "state": True})
+        if self.events:
+            capabilities.append({"capability": "events", "state": True})
+        if capabilities:
+            vm.qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
         parameters: dict[str, Any] = {}
         if self.channels:
             parameters["multifd-channels"] = self.channels
+        if self.max_bandwidth is not None:
+            parameters["max-bandwidth"] = self.max_bandwidth
         if self.compression is not None:
             parameters["multifd-compression"] = self.compression
         if self.zero_page_detection is not None:
@@ -535,9 +576,11 @@ class QemuVM(ManagedProcess):
         log_dir: Path,
         socket_dir: Path,
         machine: str = "pc",
+        ram_size: int = RAM_SIZE,
     ) -> None:
         self.binary = binary
         self.machine = machine
+        self.ram_size = ram_size
         qmp_path = socket_dir / f"{name}.qmp"
         argv = [
             *binary.base_argv(),
@@ -546,7 +589,7 @@ class QemuVM(ManagedProcess):
             "-display", "none",
             "-M", machine,
             "-accel", accelerator(),
-            "-m", f"{RAM_SIZE // (1024 * 1024)}M",
+            "-m", f"{ram_size // (1024 * 1024)}M",
             "-S",
             "-name", name,
             "-qmp", f"unix:{qmp_path},server=on,wait=off",
@@ -582,12 +625,15 @@ class QemuVM(ManagedProcess):
         """Start listening; return the bound ``tcp:HOST:PORT`` (port 0 resolved).
 
         QEMU reports the real address in ``query-migrate``'s
-        ``socket-address``, which lets tests use ephemeral ports.
+        ``socket-address``, which lets tests use ephemeral ports. A
+        ``unix:PATH`` uri gives ``unix:PATH`` back.
         """
         self.qmp.execute("migrate-incoming", {"uri": uri})
         for address in self.query_migrate().get("socket-address", []):
             if address.get("type") in ("inet", "tcp"):
                 return f"tcp:{address['host']}:{address['port']}"
+            if address.get("type") == "unix":
+                return f"unix:{address['path']}"
         raise HarnessError(f"migrate-incoming {uri}: no tcp socket-address in query-migrate\n{self.describe()}")
 
     def wait_migration(
@@ -629,12 +675,25 @@ class QemuVM(ManagedProcess):
         self.qmp.execute("pmemsave", {"val": address, "size": size, "filename": str(path)}, timeout=60)
         return path.read_bytes()
 
+    def load_from(self, uri: str) -> None:
+        """``migrate-incoming`` from a URI QEMU reads rather than listens on
+        (``exec:cat FILE``, ``file:FILE``); wait with :meth:`wait_migration`."""
+        self.qmp.execute("migrate-incoming", {"uri": uri})
+
+    def resume(self) -> dict[str, Any]:
+        """``cont``, then the guest's ``query-status``."""
+        self.qmp.execute("cont")
+        status = self.qmp.execute("query-status")
+        if not isinstance(status, dict):
+            raise QMPError(f"query-status returned {status!r}")
+        return status
+
     def close(self) -> None:
         self.qmp.close()
         super().close()
 
 
-def source_machine_args(backing_file: Path) -> list[str]:
+def source_machine_args(backing_file: Path, ram_size: int = RAM_SIZE) -> list[str]:
     """RAM from a pre-filled shared file, under the default RAMBlock name.
 
     With ``share=on`` QEMU maps the file itself, so the guest RAM *is* the
@@ -643,18 +702,38 @@ def source_machine_args(backing_file: Path) -> list[str]:
     backend id ``pc.ram`` keeps the RAMBlock name the destination expects.
     """
     return [
-        "-object", f"memory-backend-file,id=pc.ram,size={RAM_SIZE},mem-path={backing_file},share=on",
+        "-object", f"memory-backend-file,id=pc.ram,size={ram_size},mem-path={backing_file},share=on",
         "-machine", "memory-backend=pc.ram",
     ]  # fmt: skip
 
 
-def destination_machine_args() -> list[str]:
-    """Anonymous RAM named ``pc.ram``, matching :func:`source_machine_args`."""
+def destination_machine_args(ram_size: int = RAM_SIZE, initial_ram: Path | None = None) -> list[str]:
+    """Anonymous RAM named ``pc.ram``, matching :func:`source_machine_args`.
+
+    With ``initial_ram`` (a file of ``ram_size`` bytes, see
+    :func:`write_junk_file`) the RAM starts as a private copy of that file
+    instead of zeros, so that a page the migration leaves alone shows.
+    """
+    backend = (
+        f"memory-backend-ram,id=pc.ram,size={ram_size}"
+        if initial_ram is None
+        else f"memory-backend-file,id=pc.ram,size={ram_size},mem-path={initial_ram},share=off"
+    )
     return [
-        "-object", f"memory-backend-ram,id=pc.ram,size={RAM_SIZE}",
+        "-object", backend,
         "-machine", "memory-backend=pc.ram",
         "-incoming", "defer",
     ]  # fmt: skip
+
+
+JUNK_BYTE = 0xA5
+"""What :func:`write_junk_file` fills RAM with: not zero, and not a page QEMU would skip."""
+
+
+def write_junk_file(path: Path, size: int = RAM_SIZE) -> Path:
+    """A RAM image that is non-zero everywhere, for ``initial_ram``."""
+    path.write_bytes(bytes([JUNK_BYTE]) * size)
+    return path
 
 
 # --------------------------------------------------------------------------
@@ -665,11 +744,24 @@ def destination_machine_args() -> list[str]:
 class ReceiverProcess(ManagedProcess):
     """``python -m twisted_multifd receive --once``, run as a user would."""
 
-    def __init__(self, name: str, channels: int, output: Path, log_dir: Path, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        channels: int,
+        output: Path,
+        log_dir: Path,
+        extra_args: Sequence[str] = (),
+        python_args: Sequence[str] = (),
+        root: Path = REPO_ROOT,
+    ) -> None:
+        """``python_args`` go between the interpreter and ``-m twisted_multifd``
+        (e.g. ``-m cProfile -o FILE`` to profile the receiver); ``root`` is the
+        folder holding the ``twisted_multifd`` package to run (a frozen copy,
+        say), first on the path and the working directory."""
         self.output = output
         self.address_file = log_dir / f"{name}.address"
         argv = [
-            sys.executable, "-m", "twisted_multifd", "receive",
+            sys.executable, *python_args, "-m", "twisted_multifd", "receive",
             "--listen", "tcp:0:interface=127.0.0.1",
             "--channels", str(channels),
             "--output", str(output),
@@ -678,9 +770,9 @@ class ReceiverProcess(ManagedProcess):
             *extra_args,
         ]  # fmt: skip
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
-        super().__init__(name, argv, log_dir, env=env, cwd=REPO_ROOT)
+        super().__init__(name, argv, log_dir, env=env, cwd=root)
 
     def wait_for_address(self, timeout: float = START_TIMEOUT) -> str:
         """The ``tcp:127.0.0.1:PORT`` the receiver wrote once listening.
@@ -715,6 +807,17 @@ class ReceiverProcess(ManagedProcess):
         if not isinstance(manifest, dict):
             raise HarnessError(f"{path} is not a JSON object: {manifest!r}")
         return manifest
+
+
+class CommandProcess(ManagedProcess):
+    """``python -m twisted_multifd ARGS`` (``send``, ``export``, ...), run as a user would."""
+
+    def __init__(self, name: str, args: Sequence[str], log_dir: Path, root: Path = REPO_ROOT) -> None:
+        argv = [sys.executable, "-m", "twisted_multifd", *args]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        super().__init__(name, argv, log_dir, env=env, cwd=root)
 
 
 # --------------------------------------------------------------------------
@@ -956,10 +1059,27 @@ class QemuLab:
         return path, write_backing_file(path)
 
     def start_source(
-        self, binary: QemuBinary, backing_file: Path, settings: MigrationSettings, name: str = "source"
+        self,
+        binary: QemuBinary,
+        backing_file: Path,
+        settings: MigrationSettings,
+        name: str = "source",
+        ram_size: int = RAM_SIZE,
     ) -> QemuVM:
-        """A never-started VM whose RAM is ``backing_file``, ready to ``migrate``."""
-        vm = self._track(QemuVM(binary, name, source_machine_args(backing_file), self.log_dir, self.socket_dir))
+        """A never-started VM whose RAM is ``backing_file``, ready to ``migrate``.
+
+        ``ram_size`` must be the size of ``backing_file``.
+        """
+        vm = self._track(
+            QemuVM(
+                binary,
+                name,
+                source_machine_args(backing_file, ram_size),
+                self.log_dir,
+                self.socket_dir,
+                ram_size=ram_size,
+            )
+        )
         settings.apply(vm)
         return vm
 
@@ -970,23 +1090,74 @@ class QemuLab:
         uri: str = "tcp:127.0.0.1:0",
         name: str = "destination",
         machine: str = "pc",
+        ram_size: int = RAM_SIZE,
+        initial_ram: Path | None = None,
     ) -> tuple[QemuVM, str]:
         """A ``-incoming defer`` QEMU listening on ``uri``; returns it and its address.
 
         ``machine`` lets a newer QEMU receive from an older one (e.g.
         ``pc-i440fx-7.2`` on 10.0); the default matches :meth:`start_source`.
+        ``initial_ram``: see :func:`destination_machine_args`.
         """
-        vm = self._track(QemuVM(binary, name, destination_machine_args(), self.log_dir, self.socket_dir, machine))
+        vm = self._track(
+            QemuVM(
+                binary,
+                name,
+                destination_machine_args(ram_size, initial_ram),
+                self.log_dir,
+                self.socket_dir,
+                machine,
+                ram_size,
+            )
+        )
         settings.apply(vm)
         return vm, vm.migrate_incoming(uri)
 
     def start_receiver(
-        self, channels: int, output: Path, extra_args: Sequence[str] = (), name: str = "receiver"
+        self,
+        channels: int,
+        output: Path,
+        extra_args: Sequence[str] = (),
+        name: str = "receiver",
+        python_args: Sequence[str] = (),
+        root: Path = REPO_ROOT,
     ) -> ReceiverProcess:
-        return self._track(ReceiverProcess(name, channels, output, self.log_dir, extra_args))
+        return self._track(ReceiverProcess(name, channels, output, self.log_dir, extra_args, python_args, root))
 
     def start_relay(self, upstream: str, channels: int) -> MainLastRelay:
         return self._track(MainLastRelay(upstream, channels))
+
+    def start_loading_destination(
+        self,
+        binary: QemuBinary,
+        uri: str,
+        settings: MigrationSettings | None = None,
+        name: str = "destination",
+        machine: str = "pc",
+        ram_size: int = RAM_SIZE,
+        initial_ram: Path | None = None,
+    ) -> QemuVM:
+        """A ``-incoming defer`` QEMU loading a stream from ``uri``
+        (``exec:cat FILE``, ``file:FILE``); wait with :meth:`destination_memory`.
+        ``initial_ram``: see :func:`destination_machine_args`."""
+        vm = self._track(
+            QemuVM(
+                binary,
+                name,
+                destination_machine_args(ram_size, initial_ram),
+                self.log_dir,
+                self.socket_dir,
+                machine,
+                ram_size,
+            )
+        )
+        (settings or MigrationSettings()).apply(vm)
+        vm.load_from(uri)
+        return vm
+
+    def start_command(self, args: Sequence[str], name: str) -> CommandProcess:
+        """``python -m twisted_multifd ARGS``; its logs are quoted by :meth:`describe`."""
+        return self._track(CommandProcess(name, args, self.log_dir))
 
     def migrate(self, source: QemuVM, uri: str, timeout: float = MIGRATION_TIMEOUT) -> dict[str, Any]:
         """Migrate ``source`` to ``uri`` and wait for ``completed``."""
