@@ -30,6 +30,7 @@ from ._mainstream import Configuration, RamBlock
 from ._packet import DeviceStatePacket
 from ._receiver import MigrationReceiverFactory
 from ._records import MigrationInfo, MigrationResult
+from ._relay import RelayedConnectionReport, RelayFactory, RelayResult
 from ._tail import DeviceSection, StreamTail
 
 __all__ = [
@@ -46,6 +47,9 @@ __all__ = [
     "MigrationTimeout",
     "ProtocolError",
     "RamBlock",
+    "RelayFactory",
+    "RelayResult",
+    "RelayedConnectionReport",
     "StreamTail",
     "UnsupportedFeature",
 ]

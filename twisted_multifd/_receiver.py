@@ -18,16 +18,12 @@ from ._initpacket import MultiFDInitPacket
 from ._interfaces import IMigrationSink
 from ._migration import ASSEMBLING, Migration
 from ._records import MigrationInfo, MigrationResult
-from ._sniff import MAIN_CHANNEL, ChannelSniffer
+from ._sniff import MAIN_CHANNEL, ChannelSniffer, sourceHost
 
 log = Logger(namespace="twisted_multifd.receiver")
 
 DEFAULT_SNIFF_TIMEOUT = 120.0
 DEFAULT_CHANNEL_TIMEOUT = 60.0
-
-
-def _sourceHost(address: Any) -> str:
-    return getattr(address, "host", None) or "local"
 
 
 def _refused(info: MigrationInfo, pageSize: int, error: str) -> MigrationResult:
@@ -130,7 +126,7 @@ class MigrationReceiverFactory(ServerFactory):
         return migration
 
     def mainArrived(self, channel: MainChannel) -> Migration:
-        host = _sourceHost(channel.peer)
+        host = sourceHost(channel.peer)
         migration = self._assembling.get(host)
         if migration is not None and migration.main is not None:
             raise ProtocolError(
@@ -144,7 +140,7 @@ class MigrationReceiverFactory(ServerFactory):
         return migration
 
     def multifdArrived(self, channel: MultiFDChannel, init: MultiFDInitPacket) -> Migration:
-        host = _sourceHost(channel.peer)
+        host = sourceHost(channel.peer)
         migration = self._assembling.get(host) or self._newMigration(host)
         channel.migration = migration
         log.info("{label}: joins {migration} (uuid {uuid})", label=channel.label,
@@ -168,7 +164,7 @@ class MigrationReceiverFactory(ServerFactory):
         A multifd connection ended before its initial packet: the migration
         assembling from that host can no longer complete.
         """
-        migration = self._assembling.get(_sourceHost(channel.peer))
+        migration = self._assembling.get(sourceHost(channel.peer))
         if migration is not None:
             migration.fail(error)
         else:

@@ -37,6 +37,14 @@ def describePeer(address: IAddress) -> str:
     return "local socket"
 
 
+def sourceHost(address: IAddress) -> str:
+    """
+    What groups connections into one migration: the source host (every local
+    socket counts as one host).
+    """
+    return getattr(address, "host", None) or "local"
+
+
 class ChannelSniffer(Protocol):
     """
     Wraps a connection until its first four bytes are in, then hands the
