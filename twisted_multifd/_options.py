@@ -46,6 +46,7 @@ class MultifdOptions(usage.Options):
     synopsis = "twisted-multifd COMMAND [options]"
     subCommands = [
         ["receive", None, _command("_receivecommand", "ReceiveOptions"), "Receive migrations into captures."],
+        ["relay", None, _command("_relaycommand", "RelayOptions"), "Relay migrations to a QEMU destination, main channel first."],
     ]
     defaultSubCommand = "receive"
 
