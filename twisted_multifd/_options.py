@@ -46,6 +46,8 @@ class MultifdOptions(usage.Options):
     synopsis = "twisted-multifd COMMAND [options]"
     subCommands = [
         ["receive", None, _command("_receivecommand", "ReceiveOptions"), "Receive migrations into captures."],
+        ["send", None, _command("_sendcommand", "SendOptions"), "Send a capture into a QEMU destination."],
+        ["export", None, _command("_sendcommand", "ExportOptions"), "Write a capture as one plain migration stream file."],
         ["relay", None, _command("_relaycommand", "RelayOptions"), "Relay migrations to a QEMU destination, main channel first."],
     ]
     defaultSubCommand = "receive"
