@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -17,7 +17,7 @@ from ._compression import SUPPORTED_COMPRESSION
 from ._options import DEFAULT_LISTEN, channelCount, positiveFloat
 from ._records import MigrationResult
 from ._capture import captureIsComplete
-from ._service import ReceiverService, log, makeReceiverFactory
+from ._service import ListeningService, asTwistdService, makeReceiverFactory, runListening
 
 
 class ReceiveOptions(usage.Options):
@@ -67,57 +67,39 @@ class ReceiveOptions(usage.Options):
             raise usage.UsageError(f"--page-size must be a power of two of at least 1024, not {size}")
 
 
+def _listeningService(options: "ReceiveOptions", reactor: Any, ended: Any) -> ListeningService:
+    return ListeningService(
+        serverFromString(reactor, options["listen"]), makeReceiverFactory(options, reactor, ended),
+        addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
+        description=f"receiving migrations with {options['channels']} multifd channels", role="receiver",
+    )
+
+
 async def runReceive(reactor: Any, options: "ReceiveOptions") -> int:
-    done: Deferred[MigrationResult] = Deferred()
+    if options["once"] and captureIsComplete(options["output"]):
+        sys.stderr.write(f"twisted-multifd: error: {options['output']} already holds a complete capture\n")
+        return 2
+    first: Deferred[MigrationResult] | None = Deferred() if options["once"] else None
 
     def ended(result: MigrationResult) -> None:
         # With --once only the first migration counts; later ones are refused
         # (and reported) while it runs.
-        if options["once"] and not done.called and result.info.number == 1:
-            done.callback(result)
+        if first is not None and not first.called and result.info.number == 1:
+            first.callback(result)
 
-    if options["once"] and captureIsComplete(options["output"]):
-        sys.stderr.write(f"twisted-multifd: error: {options['output']} already holds a complete capture\n")
+    result = await runListening(reactor, _listeningService(options, reactor, ended), options["listen"], first)
+    if result is None:
         return 2
-
-    factory = makeReceiverFactory(options, reactor, ended)
-    service = ReceiverService(
-        serverFromString(reactor, options["listen"]), factory,
-        addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
-    )
-    service.startService()
-    # Ctrl-C or SIGTERM: migrations in progress end as failed, with a manifest.
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    try:
-        await service.whenListening
-    except Exception as e:
-        sys.stderr.write(f"twisted-multifd: error: cannot listen on {options['listen']}: {e}\n")
-        return 2
-    if not options["once"]:
-        await Deferred()  # until interrupted
-    result = await done
-    await maybeDeferred(service.stopService)
     return 0 if result.complete else 1
 
 
-def makeReceiveService(receive: "ReceiveOptions", reactor: Any) -> IService:
+def makeReceiveService(options: "ReceiveOptions", reactor: Any) -> IService:
     """
     C{twistd -n multifd receive [options]}.
     """
 
     def ended(result: MigrationResult) -> None:
-        if receive["once"]:
+        if options["once"] and result.info.number == 1:
             reactor.callLater(0, reactor.stop)
 
-    factory = makeReceiverFactory(receive, reactor, ended)
-    service = ReceiverService(
-        serverFromString(reactor, receive["listen"]), factory,
-        addressFile=receive["address-file"], progressInterval=receive["progress-interval"], clock=reactor,
-    )
-
-    def cannotListen(failure: Any) -> None:
-        log.error("cannot listen on {listen}: {error}", listen=receive["listen"], error=failure.getErrorMessage())
-        reactor.stop()
-
-    service.whenListening.addErrback(cannotListen)
-    return service
+    return asTwistdService(_listeningService(options, reactor, ended), reactor, options["listen"])

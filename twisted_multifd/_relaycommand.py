@@ -5,16 +5,13 @@ first, from the command line or as a twistd service.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
-from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
-from ._errors import MigrationError
 from ._options import DEFAULT_LISTEN, channelCount, positiveFloat
 from ._relay import (
     DEFAULT_CHANNEL_TIMEOUT,
@@ -22,9 +19,8 @@ from ._relay import (
     DEFAULT_SNIFF_TIMEOUT,
     RelayFactory,
     RelayResult,
-    log,
 )
-from ._service import describeAddress, writeAddressFile
+from ._service import ListeningService, asTwistdService, runListening
 
 
 class RelayOptions(usage.Options):
@@ -75,62 +71,6 @@ class RelayOptions(usage.Options):
             raise usage.UsageError(f"--to {self['to']!r} is not a client endpoint: {e}")
 
 
-class RelayService(Service):
-    """
-    Listens with a relay factory; announces the address (log line and
-    optional address file) and logs progress while it runs.
-
-    @ivar whenListening: fires with the listening port, or fails.
-    """
-
-    def __init__(self, endpoint: Any, factory: RelayFactory, *, addressFile: str | None,
-                 progressInterval: float, clock: Any) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
-        self.addressFile = addressFile
-        self.whenListening: Deferred[Any] = Deferred()
-        self._interval = progressInterval
-        self._progress = LoopingCall(self._report)
-        self._progress.clock = clock
-        self._port: Any = None
-
-    def _report(self) -> None:
-        for migration in self.factory.migrations:
-            log.info("{line}", line=migration.progressLine())
-
-    def startService(self) -> None:
-        super().startService()
-        d = self.endpoint.listen(self.factory)
-
-        def listening(port: Any) -> Any:
-            self._port = port
-            address = port.getHost()
-            writeAddressFile(self.addressFile, address)
-            log.info("listening on {address}; relaying migrations with {n} multifd channels to {upstream},"
-                     " main channel first", address=describeAddress(address), n=self.factory.channels,
-                     upstream=self.factory.upstreamName)
-            self._progress.start(self._interval, now=False)
-            return port
-
-        d.addCallback(listening)
-        d.chainDeferred(self.whenListening)
-
-    def stopService(self) -> Any:
-        if not self.running:
-            return None
-        super().stopService()
-        if self._progress.running:
-            self._progress.stop()
-        # Migrations cut short by a stop end with a line that says so, and
-        # their connections are reset (the source must not see a clean end).
-        for migration in list(self.factory.migrations):
-            migration.fail(MigrationError("the relay was stopped", connection=migration.label))
-        if self._port is not None:
-            port, self._port = self._port, None
-            return port.stopListening()
-        return None
-
-
 def makeRelayFactory(
     options: Any, reactor: Any, onMigrationEnded: Callable[[RelayResult], None] | None = None
 ) -> RelayFactory:
@@ -145,34 +85,28 @@ def makeRelayFactory(
     )
 
 
-def _makeService(options: Any, reactor: Any, ended: Callable[[RelayResult], None]) -> RelayService:
-    return RelayService(
-        serverFromString(reactor, options["listen"]), makeRelayFactory(options, reactor, ended),
+def _listeningService(options: "RelayOptions", reactor: Any, ended: Callable[[RelayResult], None]) -> ListeningService:
+    factory = makeRelayFactory(options, reactor, ended)
+    return ListeningService(
+        serverFromString(reactor, options["listen"]), factory,
         addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
+        description=f"relaying migrations with {factory.channels} multifd channels to {factory.upstreamName},"
+                    " main channel first",
+        role="relay",
     )
 
 
 async def runRelay(reactor: Any, options: "RelayOptions") -> int:
-    done: Deferred[RelayResult] = Deferred()
+    first: Deferred[RelayResult] | None = Deferred() if options["once"] else None
 
     def ended(result: RelayResult) -> None:
         # With --once only the first migration counts.
-        if options["once"] and not done.called and result.number == 1:
-            done.callback(result)
+        if first is not None and not first.called and result.number == 1:
+            first.callback(result)
 
-    service = _makeService(options, reactor, ended)
-    service.startService()
-    # Ctrl-C or SIGTERM: migrations in progress end as failed, each with its line.
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    try:
-        await service.whenListening
-    except Exception as e:
-        sys.stderr.write(f"twisted-multifd: error: cannot listen on {options['listen']}: {e}\n")
+    result = await runListening(reactor, _listeningService(options, reactor, ended), options["listen"], first)
+    if result is None:
         return 2
-    if not options["once"]:
-        await Deferred()  # until interrupted
-    result = await done
-    await maybeDeferred(service.stopService)
     return 0 if result.clean else 1
 
 
@@ -185,11 +119,4 @@ def makeRelayService(options: "RelayOptions", reactor: Any) -> IService:
         if options["once"] and result.number == 1:
             reactor.callLater(0, reactor.stop)
 
-    service = _makeService(options, reactor, ended)
-
-    def cannotListen(failure: Any) -> None:
-        log.error("cannot listen on {listen}: {error}", listen=options["listen"], error=failure.getErrorMessage())
-        reactor.stop()
-
-    service.whenListening.addErrback(cannotListen)
-    return service
+    return asTwistdService(_listeningService(options, reactor, ended), reactor, options["listen"])

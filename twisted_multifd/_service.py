@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from typing import Any, Callable
 
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -71,20 +72,6 @@ def makeReceiverFactory(
     )
 
 
-def progressReporter(factory: MigrationReceiverFactory, interval: float, reactor: Any) -> LoopingCall:
-    """
-    A quiet log line per loading migration every C{interval} seconds.
-    """
-
-    def report() -> None:
-        for migration in factory.migrations:
-            log.info("{line}", line=migration.progressLine())
-
-    call = LoopingCall(report)
-    call.clock = reactor
-    return call
-
-
 def writeAddressFile(path: str | None, address: Any) -> None:
     if path:
         temporary = f"{path}.tmp"  # renamed into place: readers never see half an address
@@ -93,23 +80,35 @@ def writeAddressFile(path: str | None, address: Any) -> None:
         os.replace(temporary, path)
 
 
-class ReceiverService(Service):
+class ListeningService(Service):
     """
-    Listens with a receiver factory; announces the address (log line and
-    optional address file) and logs progress while it runs.
+    Listens with a receiver or relay factory, announces the address (a log
+    line, and the address file if asked), logs each migration's progress, and
+    on stop ends the migrations in progress as failed, so that each says so.
 
+    @param factory: has C{migrations}, each with C{progressLine()} and
+        C{fail(error)}.
+    @param role: what is listening, for the log and the reason given to
+        migrations cut short ("receiver", "relay").
     @ivar whenListening: fires with the listening port, or fails.
     """
 
-    def __init__(self, endpoint: Any, factory: MigrationReceiverFactory, *, addressFile: str | None,
-                 progressInterval: float, clock: Any) -> None:
+    def __init__(self, endpoint: Any, factory: Any, *, addressFile: str | None, progressInterval: float,
+                 clock: Any, description: str, role: str) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.addressFile = addressFile
+        self.description = description
+        self.role = role
         self.whenListening: Deferred[Any] = Deferred()
-        self._progress = progressReporter(factory, progressInterval, clock)
         self._interval = progressInterval
+        self._progress = LoopingCall(self._report)
+        self._progress.clock = clock
         self._port: Any = None
+
+    def _report(self) -> None:
+        for migration in self.factory.migrations:
+            log.info("{line}", line=migration.progressLine())
 
     def startService(self) -> None:
         super().startService()
@@ -119,8 +118,8 @@ class ReceiverService(Service):
             self._port = port
             address = port.getHost()
             writeAddressFile(self.addressFile, address)
-            log.info("listening on {address} for migrations with {n} multifd channels",
-                     address=describeAddress(address), n=self.factory.channels)
+            log.info("listening on {address}; {description}", address=describeAddress(address),
+                     description=self.description)
             self._progress.start(self._interval, now=False)
             return port
 
@@ -133,13 +132,47 @@ class ReceiverService(Service):
         super().stopService()
         if self._progress.running:
             self._progress.stop()
-        # A migration cut short by a stop gets a manifest that says so.
         for migration in list(self.factory.migrations):
-            migration.fail(MigrationError("the receiver was stopped", connection=migration.label))
+            migration.fail(MigrationError(f"the {self.role} was stopped", connection=migration.label))
         if self._port is not None:
             port, self._port = self._port, None
             return port.stopListening()
         return None
+
+
+async def runListening(reactor: Any, service: ListeningService, listen: str, first: Deferred[Any] | None) -> Any:
+    """
+    The command line's way to run a service: start it, and stop it (ending
+    migrations in progress) on Ctrl-C or SIGTERM. Returns L{None} if it could
+    not listen; otherwise, with C{first} (--once), what C{first} fires with;
+    without, runs until interrupted.
+    """
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    try:
+        await service.whenListening
+    except Exception as e:
+        sys.stderr.write(f"twisted-multifd: error: cannot listen on {listen}: {e}\n")
+        return None
+    if first is None:
+        await Deferred()  # until interrupted
+    result = await first
+    await maybeDeferred(service.stopService)
+    return result
+
+
+def asTwistdService(service: ListeningService, reactor: Any, listen: str) -> ListeningService:
+    """
+    Under twistd: a service that cannot listen stops the reactor with a clear
+    line, rather than leaving twistd running idle.
+    """
+
+    def cannotListen(failure: Any) -> None:
+        log.error("cannot listen on {listen}: {error}", listen=listen, error=failure.getErrorMessage())
+        reactor.stop()
+
+    service.whenListening.addErrback(cannotListen)
+    return service
 
 
 def makeService(options: Any) -> IService:
