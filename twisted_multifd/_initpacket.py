@@ -7,6 +7,7 @@ then 39 unused bytes.
 from __future__ import annotations
 
 import struct
+from typing import Container
 
 import attrs
 
@@ -61,3 +62,32 @@ def buildInitPacket(packet: MultiFDInitPacket) -> bytes:
     if len(packet.uuid) != 16:
         raise ValueError("uuid must be 16 bytes")
     return _INIT.pack(MULTIFD_MAGIC, packet.version, packet.uuid, packet.channelID)
+
+
+def checkChannelJoins(
+    init: MultiFDInitPacket, channels: int, taken: Container[int], uuid: bytes | None, role: str
+) -> bytes:
+    """
+    Check that a channel with this initial packet can join a migration of
+    C{channels} channels whose ids in C{taken} are in, and whose channels so
+    far sent C{uuid} (L{None}: none yet). Returns the migration's uuid.
+
+    @param role: what is checking ("receiver", "relay"), for the message.
+    """
+    if channels == 0:
+        raise ProtocolError(
+            f"multifd channel, but this {role} expects plain migrations (channels = 0)",
+            field="initial packet",
+        )
+    if init.channelID >= channels:
+        # QEMU itself lets id == N through (off by one); it must not pass.
+        raise ProtocolError(
+            f"channel id {init.channelID}, expected 0 to {channels - 1}", field="initial packet id"
+        )
+    if init.channelID in taken:
+        raise ProtocolError(f"channel id {init.channelID} twice", field="initial packet id")
+    if uuid is not None and init.uuid != uuid:
+        raise ProtocolError(
+            f"uuid {init.uuid.hex()}, other channels sent {uuid.hex()}", field="initial packet uuid"
+        )
+    return init.uuid

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from ._compression import compressionName
 from ._errors import ConnectionClosed, MigrationError, MigrationTimeout, ProtocolError
-from ._initpacket import MultiFDInitPacket
+from ._initpacket import MultiFDInitPacket, checkChannelJoins
 from ._interfaces import IMigrationSink
 from ._mainstream import Command, Configuration, RamBlock, RamBlockList, RamSection
 from ._packet import DeviceStatePacket, RamPacket
@@ -102,26 +102,7 @@ class Migration:
         self._maybeStart()
 
     def attachMultiFD(self, channel: "MultiFDChannel", init: MultiFDInitPacket) -> None:
-        n = self.info.channels
-        if n == 0:
-            raise ProtocolError(
-                "multifd channel, but this receiver expects plain migrations (channels = 0)",
-                field="initial packet",
-            )
-        if init.channelID >= n:
-            # QEMU itself lets id == N through (off by one); it must not pass.
-            raise ProtocolError(
-                f"channel id {init.channelID}, expected 0 to {n - 1}", field="initial packet id"
-            )
-        if init.channelID in self.multifd:
-            raise ProtocolError(f"channel id {init.channelID} twice", field="initial packet id")
-        if self.uuid is None:
-            self.uuid = init.uuid
-        elif init.uuid != self.uuid:
-            raise ProtocolError(
-                f"uuid {init.uuid.hex()}, other channels sent {self.uuid.hex()}",
-                field="initial packet uuid",
-            )
+        self.uuid = checkChannelJoins(init, self.info.channels, self.multifd, self.uuid, "receiver")
         self.multifd[init.channelID] = channel
         self._maybeStart()
 

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._errors import ConnectionClosed, MigrationError, MigrationTimeout, ProtocolError
-from ._initpacket import INIT_PACKET_SIZE, MultiFDInitPacket, parseInitPacket
+from ._initpacket import INIT_PACKET_SIZE, MultiFDInitPacket, parseInitPacket, checkChannelJoins
 from ._sniff import MAIN_CHANNEL, ChannelSniffer, describePeer, sourceHost
 
 log = Logger(namespace="twisted_multifd.relay")
@@ -497,22 +497,7 @@ class RelayedMigration:
         Validates the initial packet as the receiver does; raises
         L{ProtocolError} if the channel cannot belong to this migration.
         """
-        n = self.channels
-        if n == 0:
-            raise ProtocolError(
-                "multifd channel, but this relay expects plain migrations (channels = 0)",
-                field="initial packet",
-            )
-        if init.channelID >= n:
-            raise ProtocolError(f"channel id {init.channelID}, expected 0 to {n - 1}", field="initial packet id")
-        if init.channelID in self.multifd:
-            raise ProtocolError(f"channel id {init.channelID} twice", field="initial packet id")
-        if self.uuid is None:
-            self.uuid = init.uuid
-        elif init.uuid != self.uuid:
-            raise ProtocolError(
-                f"uuid {init.uuid.hex()}, other channels sent {self.uuid.hex()}", field="initial packet uuid"
-            )
+        self.uuid = checkChannelJoins(init, self.channels, self.multifd, self.uuid, "relay")
         self.multifd[init.channelID] = connection
         connection.migration = self
         self._maybeConnect()
