@@ -27,6 +27,34 @@ def channelCount(value: str) -> int:
     return number
 
 
+TLS_PARAMETERS = [
+    ["tls-cert", None, None,
+     "Listen with TLS (QEMU's tls-creds) using this PEM server certificate; its names or IP"
+     " addresses must match the host in the source's migrate URI (or the source's tls-hostname)."],
+    ["tls-key", None, None, "PEM private key of --tls-cert (default: read from the --tls-cert file)."],
+    ["tls-ca", None, None,
+     "PEM CA certificate(s): with it, sources must present a client certificate signed by it"
+     " (QEMU: client-cert.pem in the tls-creds-x509 directory)."],
+]
+
+
+def checkTLSOptions(options: usage.Options) -> None:
+    """
+    --tls-key and --tls-ca only make sense with --tls-cert; TLS comes from
+    these options, not from an C{ssl:} endpoint in --listen (whose TLS layer
+    would not treat QEMU's channel endings as the receiver needs).
+    """
+    if str(options["listen"]).startswith("ssl:"):
+        raise usage.UsageError(
+            "--listen takes a plain endpoint (tcp:..., unix:...); for TLS add --tls-cert FILE"
+            " [--tls-key FILE] [--tls-ca FILE] (see docs/tls.md)"
+        )
+    if options["tls-cert"] is None:
+        for name in ("tls-key", "tls-ca"):
+            if options[name] is not None:
+                raise usage.UsageError(f"--{name} needs --tls-cert")
+
+
 def _command(module: str, name: str) -> Callable[[], usage.Options]:
     """
     A subcommand's options class, imported only when that subcommand is used
@@ -49,6 +77,7 @@ class MultifdOptions(usage.Options):
         ["send", None, _command("_sendcommand", "SendOptions"), "Send a capture into a QEMU destination."],
         ["export", None, _command("_sendcommand", "ExportOptions"), "Write a capture as one plain migration stream file."],
         ["relay", None, _command("_relaycommand", "RelayOptions"), "Relay migrations to a QEMU destination, main channel first."],
+        ["inspect", None, _command("_inspectcommand", "InspectOptions"), "Describe a capture or a plain migration stream file."],
     ]
     defaultSubCommand = "receive"
 

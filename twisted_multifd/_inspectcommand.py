@@ -1,0 +1,140 @@
+"""
+C{twisted-multifd inspect PATH [--json]}: describe a capture folder or a
+plain migration stream file (see docs/inspect.md).
+
+Exit status: 0 when what was inspected is complete (a capture) or parses to
+its end (a stream); 1 when it is readable but incomplete or invalid (the
+report is printed all the same); 2 for usage errors and paths that cannot be
+inspected at all (one line on standard error).
+"""
+
+from __future__ import annotations
+
+import getopt
+import sys
+import threading
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from ._inspect import InspectError, InspectInterrupted, inspectPath, inspectStream, renderJSON, renderText
+
+# Seconds an interrupted inspection has to stop.
+STOP_GRACE = 2.0
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"twisted-multifd: error: {message}\n")
+    sys.stderr.flush()
+
+
+class InspectOptions(usage.Options):
+    synopsis = "PATH [--json]"
+    longdesc = (
+        "Describe a capture (its folder or its manifest.json) or a plain migration stream file (as"
+        " export writes, or QEMU's migrate \"exec:cat > FILE\"; - reads one from standard input):"
+        " machine type, conventions, channels, RAM blocks and their non-zero pages, devices, and"
+        " whether it is complete. Exit status 0 complete, 1 incomplete or invalid, 2 cannot be read."
+    )
+    optFlags = [
+        ["json", None, "Print the report as JSON (keys in docs/inspect.md)."],
+    ]
+    optParameters = [
+        ["page-size", None, 4096,
+         "A stream's target page size, unless its configuration says (4096 on x86).", int],
+    ]
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # Options before or after PATH.
+        if options is None:
+            options = sys.argv[1:]
+        try:
+            opts, args = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error as e:
+            raise usage.UsageError(str(e))
+        ordered: list[str] = []
+        for opt, value in opts:
+            if opt.startswith("--"):
+                ordered.append(f"{opt}={value}" if f"{opt[2:]}=" in self.longOpt else opt)
+            else:
+                ordered.append(opt + value)
+        super().parseOptions([*ordered, "--", *args])
+
+    def parseArgs(self, path: str | None = None, *rest: str) -> None:
+        if path is None:
+            raise usage.UsageError("what to inspect? Give a capture folder or a migration stream file.")
+        if rest:
+            raise usage.UsageError(f"one path only, not also {' '.join(rest)}")
+        self["path"] = path
+
+    def postOptions(self) -> None:
+        size = self["page-size"]
+        if size < 1024 or size & (size - 1):
+            raise usage.UsageError(f"--page-size must be a power of two of at least 1024, not {size}")
+
+    def run(self, reactor: Any) -> Any:
+        return runInspect(reactor, self)
+
+
+async def runInspect(reactor: Any, options: InspectOptions) -> int:
+    path = options["path"]
+    stop = threading.Event()
+    inspecting: Deferred[Any] = Deferred()
+
+    def settle(outcome: Any) -> None:
+        if not inspecting.called:
+            (inspecting.errback if isinstance(outcome, Failure) else inspecting.callback)(outcome)
+
+    def work() -> None:
+        # In a thread of its own, so that Ctrl-C stops a long one between chunks.
+        try:
+            if path == "-":
+                outcome: Any = inspectStream(
+                    sys.stdin.buffer, pageSize=options["page-size"], name="-", interrupted=stop.is_set
+                )
+            else:
+                outcome = inspectPath(path, pageSize=options["page-size"], interrupted=stop.is_set)
+        except BaseException:
+            outcome = Failure()
+        reactor.callFromThread(settle, outcome)
+
+    running: Deferred[None] = Deferred()
+    reactor.callWhenRunning(running.callback, None)
+    await running
+    threading.Thread(target=work, name="twisted-multifd inspect", daemon=True).start()
+
+    finished: Deferred[None] = Deferred()
+
+    def passOn(result: Any) -> Any:
+        finished.callback(None)
+        return result
+
+    inspecting.addBoth(passOn)
+
+    def interrupted() -> Deferred[None] | None:
+        # Ctrl-C or SIGTERM: stop at the next chunk; shutdown waits for
+        # that, or gives up after a while.
+        if inspecting.called:
+            return None
+        stop.set()
+        giveUp = reactor.callLater(STOP_GRACE, settle, Failure(InspectInterrupted()))
+        finished.addCallback(lambda _: giveUp.cancel() if giveUp.active() else None)
+        return finished
+
+    reactor.addSystemEventTrigger("before", "shutdown", interrupted)
+    try:
+        report = await inspecting
+    except InspectInterrupted:
+        _error("interrupted")
+        return 1
+    except InspectError as e:
+        _error(f"cannot inspect {e}")
+        return 2
+    except OSError as e:
+        _error(f"cannot inspect {path}: {e.strerror or e}")
+        return 2
+    sys.stdout.write(renderJSON(report) if options["json"] else renderText(report))
+    sys.stdout.flush()
+    return report.exitStatus
