@@ -519,6 +519,8 @@ class MigrationSettings:
     """Turn on the ``events`` capability (MIGRATION status events over QMP)."""
     max_bandwidth: int | None = None
     """``max-bandwidth`` in bytes per second; None keeps QEMU's 128 MiB/s default."""
+    tls_creds: str | None = None
+    """``tls-creds``: the id of a ``tls-creds-x509`` object given to the VM (see :func:`tls_object_args`)."""
 
     def __post_init__(self) -> None:
         if self.channels < 0 or self.channels > 255:
@@ -533,6 +535,8 @@ class MigrationSettings:
             parts.append(self.compression)
         if self.zero_page_detection:
             parts.append(f"zpd-{self.zero_page_detection}")
+        if self.tls_creds:
+            parts.append("tls")
         return "-".join(parts)
 
     def apply(self, vm: QemuVM) -> None:
@@ -555,6 +559,8 @@ class MigrationSettings:
             parameters["multifd-compression"] = self.compression
         if self.zero_page_detection is not None:
             parameters["zero-page-detection"] = self.zero_page_detection
+        if self.tls_creds is not None:
+            parameters["tls-creds"] = self.tls_creds
         if parameters:
             vm.qmp.execute("migrate-set-parameters", parameters)
 
@@ -730,6 +736,115 @@ JUNK_BYTE = 0xA5
 """What :func:`write_junk_file` fills RAM with: not zero, and not a page QEMU would skip."""
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files from :func:`write_tls_credentials`.
+
+    ``qemu_dir`` is a QEMU ``tls-creds-x509`` client directory (``ca-cert.pem``,
+    ``client-cert.pem``, ``client-key.pem``); ``bare_qemu_dir`` holds only
+    ``ca-cert.pem`` (a source without a client certificate); ``rogue_qemu_dir``
+    a client certificate from another CA. The server certificate is valid for
+    127.0.0.1 and localhost.
+    """
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    qemu_dir: Path
+    bare_qemu_dir: Path
+    rogue_qemu_dir: Path
+
+
+def write_tls_credentials(directory: Path) -> TLSFiles:
+    """A throw-away CA, server and client certificates (``cryptography``)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def make_ca(common: str) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder().subject_name(name(common)).issuer_name(name(common))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256())
+        )  # fmt: skip
+        return key, cert
+
+    def make_leaf(ca: tuple[Any, Any], common: str, server: bool) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder().subject_name(name(common)).issuer_name(ca[1].subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=False,
+                                         content_commitment=False, data_encipherment=False, key_agreement=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        )  # fmt: skip
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        return key, builder.sign(ca[0], hashes.SHA256())
+
+    def write(path: Path, key: Any = None, cert: Any = None) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if key is not None:
+            path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+            path.chmod(0o600)
+        else:
+            path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    ca = make_ca("twisted-multifd test CA")
+    rogue = make_ca("some other CA")
+    server = make_leaf(ca, "127.0.0.1", server=True)
+    client = make_leaf(ca, "source", server=False)
+    stranger = make_leaf(rogue, "stranger", server=False)
+    files = TLSFiles(
+        ca_cert=write(directory / "ca-cert.pem", cert=ca[1]),
+        server_cert=write(directory / "server-cert.pem", cert=server[1]),
+        server_key=write(directory / "server-key.pem", key=server[0]),
+        qemu_dir=directory / "qemu-client",
+        bare_qemu_dir=directory / "qemu-no-client-cert",
+        rogue_qemu_dir=directory / "qemu-rogue-client",
+    )
+    for qemu_dir, leaf in ((files.qemu_dir, client), (files.bare_qemu_dir, None), (files.rogue_qemu_dir, stranger)):
+        write(qemu_dir / "ca-cert.pem", cert=ca[1])
+        if leaf is stranger:
+            # QEMU checks its own certificate against ca-cert.pem at start: list both CAs.
+            with open(qemu_dir / "ca-cert.pem", "ab") as bundle:
+                bundle.write(rogue[1].public_bytes(serialization.Encoding.PEM))
+        if leaf is not None:
+            write(qemu_dir / "client-cert.pem", cert=leaf[1])
+            write(qemu_dir / "client-key.pem", key=leaf[0])
+    return files
+
+
+def tls_object_args(qemu_dir: Path, creds_id: str = "tls0", verify_peer: bool = True) -> list[str]:
+    """A source's ``-object tls-creds-x509`` (client end) for :attr:`MigrationSettings.tls_creds`."""
+    verify = "on" if verify_peer else "off"
+    return ["-object", f"tls-creds-x509,id={creds_id},dir={qemu_dir},endpoint=client,verify-peer={verify}"]
+
+
 def write_junk_file(path: Path, size: int = RAM_SIZE) -> Path:
     """A RAM image that is non-zero everywhere, for ``initial_ram``."""
     path.write_bytes(bytes([JUNK_BYTE]) * size)
@@ -838,6 +953,8 @@ class RelayedConnection:
     to_source: int = 0
     errors: list[str] = field(default_factory=list)
     directions_done: int = 0
+    first_data: threading.Event = field(default_factory=threading.Event)
+    """TLS mode: set once the first application-data record has been let through."""
 
     def __str__(self) -> str:
         errors = f" errors={self.errors}" if self.errors else ""
@@ -862,10 +979,18 @@ class MainLastRelay:
 
     BUFFER = 256 * 1024
 
-    def __init__(self, upstream: str, channels: int, timeout: float = MIGRATION_TIMEOUT) -> None:
+    def __init__(self, upstream: str, channels: int, timeout: float = MIGRATION_TIMEOUT, tls: bool = False) -> None:
+        """``tls``: the source migrates with ``tls-creds`` (TLS 1.2, as the
+        receiver offers). A TLS source opens its multifd connections only once
+        the main channel's handshake is through, so main is connected first;
+        its application data (the first TLS record of type 23 on) is held back
+        until every multifd channel has passed its first application record
+        (the init packet) on: main's decrypted bytes come last."""
         self.upstream = parse_tcp_address(upstream)
         self.channels = channels
         self.timeout = timeout
+        self.tls = tls
+        self._main_gate = threading.Event()
         self.connections: list[RelayedConnection] = []
         self.errors: list[str] = []
         self._closing = False
@@ -881,6 +1006,9 @@ class MainLastRelay:
         thread.start()
 
     def _run(self) -> None:
+        if self.tls:
+            self._run_tls()
+            return
         try:
             deadline = time.monotonic() + self.timeout
             self._accept_all(deadline)
@@ -892,7 +1020,86 @@ class MainLastRelay:
                 self.errors.append(f"setup: {exc!r}")
             self.close()
 
-    def _accept_all(self, deadline: float) -> None:
+    TLS_APPLICATION_DATA = 23
+
+    def _run_tls(self) -> None:
+        try:
+            deadline = time.monotonic() + self.timeout
+            self._accept_all(deadline, connect=self._connect_upstream_tls)
+            passed: list[threading.Event] = [c.first_data for c in self.connections[1:]]
+            for event in passed:
+                if not event.wait(max(deadline - time.monotonic(), 0.001)):
+                    raise HarnessTimeout(f"multifd channels did not send their init packets: {self.describe()}")
+            time.sleep(0.2)  # let the receiver read them before main's first byte
+            self._main_gate.set()
+        except Exception as exc:
+            if not self._closing:
+                self.errors.append(f"setup: {exc!r}")
+            self.close()
+
+    def _connect_upstream_tls(self, conn: RelayedConnection) -> None:
+        upstream = socket.create_connection(self.upstream, timeout=self.timeout)
+        for sock in (conn.source, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.timeout)
+        main = conn.accept_index == 0
+        conn.role = "main (tls)" if main else "multifd (tls)"
+        with self._lock:
+            conn.upstream = upstream
+            conn.upstream_index = conn.accept_index
+        self._spawn(self._record_pump, f"relay-{conn.accept_index}-up", conn, main)
+        self._spawn(self._pump, f"relay-{conn.accept_index}-down", conn, upstream, conn.source, "to_source")
+
+    def _record_pump(self, conn: RelayedConnection, gated: bool) -> None:
+        """Source → upstream, whole TLS records; the main channel waits at its
+        first application-data record until ``_main_gate`` opens."""
+        src, dst = conn.source, conn.upstream
+        assert dst is not None
+        buffer = b""
+        try:
+            while True:
+                data = src.recv(self.BUFFER)
+                if not data:
+                    if buffer:
+                        dst.sendall(buffer)
+                    break
+                buffer += data
+                out = bytearray()
+                while len(buffer) >= 5:
+                    length = int.from_bytes(buffer[3:5], "big")
+                    if len(buffer) < 5 + length:
+                        break
+                    if buffer[0] == self.TLS_APPLICATION_DATA and not conn.first_data.is_set():
+                        if gated:
+                            if out:
+                                dst.sendall(bytes(out))
+                                conn.to_upstream += len(out)
+                                out.clear()
+                            if not self._main_gate.wait(self.timeout):
+                                raise HarnessTimeout("main channel held too long")
+                        conn.first_data.set()
+                    out += buffer[: 5 + length]
+                    buffer = buffer[5 + length :]
+                if out:
+                    dst.sendall(bytes(out))
+                    conn.to_upstream += len(out)
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if not self._closing:
+                conn.errors.append(f"to_upstream: {exc!r}")
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            with self._lock:
+                conn.directions_done += 1
+                both_done = conn.directions_done == 2
+            if both_done:
+                src.close()
+                dst.close()
+
+    def _accept_all(self, deadline: float, connect: Callable[[RelayedConnection], None] | None = None) -> None:
         for index in range(self.channels + 1):
             self._listener.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
@@ -907,6 +1114,8 @@ class MainLastRelay:
                 raise
             sock.setblocking(True)
             self.connections.append(RelayedConnection(index, sock))
+            if connect is not None:
+                connect(self.connections[-1])
         self._listener.close()
 
     def _classify(self, deadline: float) -> tuple[RelayedConnection, list[RelayedConnection]]:
@@ -1065,16 +1274,18 @@ class QemuLab:
         settings: MigrationSettings,
         name: str = "source",
         ram_size: int = RAM_SIZE,
+        extra_args: Sequence[str] = (),
     ) -> QemuVM:
         """A never-started VM whose RAM is ``backing_file``, ready to ``migrate``.
 
-        ``ram_size`` must be the size of ``backing_file``.
+        ``ram_size`` must be the size of ``backing_file``; ``extra_args`` are
+        added to its command line (e.g. :func:`tls_object_args`).
         """
         vm = self._track(
             QemuVM(
                 binary,
                 name,
-                source_machine_args(backing_file, ram_size),
+                [*source_machine_args(backing_file, ram_size), *extra_args],
                 self.log_dir,
                 self.socket_dir,
                 ram_size=ram_size,
@@ -1124,8 +1335,8 @@ class QemuLab:
     ) -> ReceiverProcess:
         return self._track(ReceiverProcess(name, channels, output, self.log_dir, extra_args, python_args, root))
 
-    def start_relay(self, upstream: str, channels: int) -> MainLastRelay:
-        return self._track(MainLastRelay(upstream, channels))
+    def start_relay(self, upstream: str, channels: int, tls: bool = False) -> MainLastRelay:
+        return self._track(MainLastRelay(upstream, channels, tls=tls))
 
     def start_loading_destination(
         self,

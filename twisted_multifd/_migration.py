@@ -266,6 +266,34 @@ class Migration:
             line += f", {pages} pages of {total // self.pageSize} received ({100 * pages * self.pageSize / total:.0f}%)"
         return line
 
+    def status(self) -> dict[str, Any]:
+        """
+        A read-only snapshot for the status page (docs/status.md): state,
+        channel states (connected, waiting, at-barrier, closed), bytes, pages
+        and the RAM total once the block list has arrived.
+        """
+        def channelState(channel: Any, closed: bool, atBarrier: bool) -> str:
+            if channel is None:
+                return "waiting"
+            if closed or getattr(channel, "_lost", None) is not None:
+                return "closed"
+            return "at-barrier" if atBarrier else "connected"
+
+        channels = {"main": channelState(self.main, self.ended, self._mainWaiting)}
+        for n in range(self.info.channels):
+            channels[str(n)] = channelState(self.multifd.get(n), n in self._closedChannels or self.ended,
+                                            n in self._arrived)
+        return {
+            "state": self.state,
+            "elapsed": self.clock.seconds() - self._started,
+            "bytes": self._bytes,
+            "pages_with_data": self._pagesWithData,
+            "zero_pages": self._zeroPages,
+            "ram_total": self.stream.get("ram_total"),
+            "page_size": self.pageSize,
+            "channels": channels,
+        }
+
     def countBytes(self, size: int) -> None:
         self._bytes += size
 

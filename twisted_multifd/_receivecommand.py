@@ -14,10 +14,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from ._compression import SUPPORTED_COMPRESSION
-from ._options import DEFAULT_LISTEN, channelCount, positiveFloat
+from ._options import DEFAULT_LISTEN, TLS_PARAMETERS, checkTLSOptions, channelCount, positiveFloat
 from ._records import MigrationResult
 from ._capture import captureIsComplete
-from ._service import ListeningService, asTwistdService, makeReceiverFactory, runListening
+from ._service import ListeningService, tlsFromOptions, asTwistdService, makeReceiverFactory, runListening
 
 
 class ReceiveOptions(usage.Options):
@@ -46,6 +46,10 @@ class ReceiveOptions(usage.Options):
         ["progress-interval", None, 10.0, "Seconds between progress log lines.", positiveFloat],
         ["address-file", None, None,
          "Once listening, write the address (tcp:HOST:PORT or unix:PATH) to this file."],
+        *TLS_PARAMETERS,
+        ["status", None, None,
+         "Serve GET /status (JSON) and GET /metrics (Prometheus) over HTTP on this endpoint,"
+         " e.g. tcp:8080:interface=127.0.0.1."],
     ]
     optFlags = [
         ["once", None, "Receive one migration into --output, then exit: status 0 only if the capture is complete."],
@@ -58,6 +62,13 @@ class ReceiveOptions(usage.Options):
         return makeReceiveService(self, reactor)
 
     def postOptions(self) -> None:
+        checkTLSOptions(self)
+        self.tls = tlsFromOptions(self)
+        if self["status"] is not None:
+            try:
+                serverFromString(None, self["status"])  # syntax only; the reactor comes later
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"--status {self['status']!r} is not a server endpoint: {e}")
         if self["compression"] != "auto" and self["compression"] not in SUPPORTED_COMPRESSION:
             raise usage.UsageError(
                 f"--compression must be auto, {', '.join(SUPPORTED_COMPRESSION)}; not {self['compression']!r}"
@@ -72,6 +83,8 @@ def _listeningService(options: "ReceiveOptions", reactor: Any, ended: Any) -> Li
         serverFromString(reactor, options["listen"]), makeReceiverFactory(options, reactor, ended),
         addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
         description=f"receiving migrations with {options['channels']} multifd channels", role="receiver",
+        tls=getattr(options, "tls", None),
+        statusEndpoint=None if options["status"] is None else serverFromString(reactor, options["status"]),
     )
 
 

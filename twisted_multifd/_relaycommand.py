@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.python import usage
 
-from ._options import DEFAULT_LISTEN, channelCount, positiveFloat
+from ._options import DEFAULT_LISTEN, TLS_PARAMETERS, checkTLSOptions, channelCount, positiveFloat
 from ._relay import (
     DEFAULT_CHANNEL_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
@@ -20,7 +20,7 @@ from ._relay import (
     RelayFactory,
     RelayResult,
 )
-from ._service import ListeningService, asTwistdService, runListening
+from ._service import ListeningService, tlsFromOptions, asTwistdService, runListening
 
 
 class RelayOptions(usage.Options):
@@ -49,6 +49,7 @@ class RelayOptions(usage.Options):
         ["progress-interval", None, 10.0, "Seconds between progress log lines.", positiveFloat],
         ["address-file", None, None,
          "Once listening, write the address (tcp:HOST:PORT or unix:PATH) to this file."],
+        *TLS_PARAMETERS,
     ]
     optFlags = [
         ["once", None, "Relay one migration, then exit: status 0 only if it ended cleanly."],
@@ -61,6 +62,8 @@ class RelayOptions(usage.Options):
         return makeRelayService(self, reactor)
 
     def postOptions(self) -> None:
+        checkTLSOptions(self)
+        self.tls = tlsFromOptions(self)
         if not self["to"]:
             raise usage.UsageError("--to is required: where the destination QEMU listens (tcp:HOST:PORT or unix:PATH)")
         try:
@@ -92,7 +95,7 @@ def _listeningService(options: "RelayOptions", reactor: Any, ended: Callable[[Re
         addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
         description=f"relaying migrations with {factory.channels} multifd channels to {factory.upstreamName},"
                     " main channel first",
-        role="relay",
+        role="relay", tls=getattr(options, "tls", None),
     )
 
 

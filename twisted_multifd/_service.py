@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable
 
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -72,6 +72,22 @@ def makeReceiverFactory(
     )
 
 
+def tlsFromOptions(options: Any) -> Any:
+    """
+    Server TLS options from --tls-cert/--tls-key/--tls-ca, or L{None}.
+
+    @raise usage.UsageError: a file is missing or unusable.
+    """
+    if options.get("tls-cert") is None:
+        return None
+    from ._tls import serverTLSOptions
+
+    try:
+        return serverTLSOptions(options["tls-cert"], options["tls-key"], options["tls-ca"])
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+
+
 def writeAddressFile(path: str | None, address: Any) -> None:
     if path:
         temporary = f"{path}.tmp"  # renamed into place: readers never see half an address
@@ -90,12 +106,26 @@ class ListeningService(Service):
         C{fail(error)}.
     @param role: what is listening, for the log and the reason given to
         migrations cut short ("receiver", "relay").
+    @param tls: server TLS options (L{twisted_multifd._tls.serverTLSOptions}):
+        listen with TLS in front of C{factory}, or L{None}.
+    @param statusEndpoint: where to serve C{/status} and C{/metrics} over
+        HTTP (docs/status.md), or L{None}; C{factory} must then be a receiver
+        factory (its migrations have C{status()}).
     @ivar whenListening: fires with the listening port, or fails.
     """
 
     def __init__(self, endpoint: Any, factory: Any, *, addressFile: str | None, progressInterval: float,
-                 clock: Any, description: str, role: str) -> None:
+                 clock: Any, description: str, role: str, tls: Any = None,
+                 statusEndpoint: Any = None) -> None:
         self.endpoint = endpoint
+        self.tls = tls
+        self.statusEndpoint = statusEndpoint
+        self.statusTracker: Any = None
+        self.statusPort: Any = None
+        if statusEndpoint is not None:
+            from ._status import StatusTracker
+
+            self.statusTracker = StatusTracker(factory, clock)
         self.factory = factory
         self.addressFile = addressFile
         self.description = description
@@ -112,31 +142,60 @@ class ListeningService(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = self.endpoint.listen(self.factory)
+        factory = self.factory
+        if self.tls is not None:
+            from ._tls import tlsServerFactory
+
+            factory = tlsServerFactory(self.tls, factory, self._progress.clock)
+        d = self.endpoint.listen(factory)
 
         def listening(port: Any) -> Any:
             self._port = port
             address = port.getHost()
             writeAddressFile(self.addressFile, address)
-            log.info("listening on {address}; {description}", address=describeAddress(address),
-                     description=self.description)
+            log.info("listening on {address}{tls}; {description}", address=describeAddress(address),
+                     tls=" with TLS" if self.tls is not None else "", description=self.description)
             self._progress.start(self._interval, now=False)
             return port
 
         d.addCallback(listening)
+        if self.statusEndpoint is not None:
+            d.addCallback(lambda port: Deferred.fromCoroutine(self._listenStatus(port)))
         d.chainDeferred(self.whenListening)
+
+    async def _listenStatus(self, port: Any) -> Any:
+        from ._status import statusSite
+
+        try:
+            self.statusPort = await self.statusEndpoint.listen(statusSite(self.statusTracker))
+        except Exception as e:
+            await maybeDeferred(port.stopListening)
+            self._port = None
+            if self._progress.running:
+                self._progress.stop()
+            raise RuntimeError(f"cannot serve the status page: {e}") from e
+        address = self.statusPort.getHost()
+        log.info("status on http://{host}:{port}/status and /metrics", host=getattr(address, "host", "?"),
+                 port=getattr(address, "port", "?"))
+        return port
 
     def stopService(self) -> Any:
         if not self.running:
             return None
         super().stopService()
+        stopping = []
+        if self.statusPort is not None:
+            statusPort, self.statusPort = self.statusPort, None
+            stopping.append(maybeDeferred(statusPort.stopListening))
         if self._progress.running:
             self._progress.stop()
         for migration in list(self.factory.migrations):
             migration.fail(MigrationError(f"the {self.role} was stopped", connection=migration.label))
         if self._port is not None:
             port, self._port = self._port, None
-            return port.stopListening()
+            stopping.append(maybeDeferred(port.stopListening))
+        if stopping:
+            return gatherResults(stopping)
         return None
 
 

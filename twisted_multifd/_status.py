@@ -1,0 +1,176 @@
+"""
+C{--status ENDPOINT}: the receiver's state over HTTP (twisted.web).
+
+C{GET /status} gives JSON (every migration in progress and the most recent
+ended ones), C{GET /metrics} the Prometheus text format. See docs/status.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any, cast
+
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Site
+
+from ._records import MigrationResult
+
+RECENT = 20
+"""How many ended migrations /status lists."""
+
+
+def _percent(pages: int, pageSize: int, total: int | None) -> float | None:
+    if not total:
+        return None
+    return round(min(100.0, 100.0 * pages * pageSize / total), 2)
+
+
+class StatusTracker:
+    """
+    Counts migrations for /status and /metrics. Hooks itself in front of the
+    factory's C{onMigrationEnded} (so whatever was there still runs) and
+    reads C{factory.migrations} (each with C{status()}) when asked.
+    """
+
+    def __init__(self, factory: Any, clock: Any, recent: int = RECENT) -> None:
+        self.factory = factory
+        self.clock = clock
+        self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
+        self.completed = 0
+        self.failed = 0
+        self.endedBytes = 0
+        self.endedPages = 0
+        self.startedAt = clock.seconds()
+        following: Callable[[MigrationResult], None] | None = factory.onMigrationEnded
+
+        def ended(result: MigrationResult) -> None:
+            self.migrationEnded(result)
+            if following is not None:
+                following(result)
+
+        factory.onMigrationEnded = ended
+
+    def migrationEnded(self, result: MigrationResult) -> None:
+        if result.complete:
+            self.completed += 1
+        else:
+            self.failed += 1
+        pages = result.pagesWithData + result.zeroPageRecords
+        self.endedBytes += result.bytesReceived
+        self.endedPages += pages
+        total = result.stream.get("ram_total") if result.stream else None
+        channels = {"main": "closed", **{str(n): "closed" for n in range(result.info.channels)}}
+        self.recent.appendleft({
+            "number": result.info.number,
+            "source": result.info.peer,
+            "state": "complete" if result.complete else "failed",
+            "started_at": result.info.startedAt,
+            "elapsed_seconds": round(result.duration, 3),
+            "expected_channels": result.info.channels,
+            "channels": channels,
+            "bytes": result.bytesReceived,
+            "pages": {"with_data": result.pagesWithData, "zero": result.zeroPageRecords,
+                      "total": total // result.pageSize if total else None},
+            "percent": 100.0 if result.complete else _percent(pages, result.pageSize, total),
+            "rate_bytes_per_second": round(result.bytesReceived / result.duration, 1) if result.duration > 0 else None,
+            "eta_seconds": None,
+            "machine": result.machine,
+            "error": result.error,
+        })
+
+    def _live(self, migration: Any) -> dict[str, Any]:
+        s = migration.status()
+        pages = s["pages_with_data"] + s["zero_pages"]
+        total = s["ram_total"]
+        elapsed = s["elapsed"]
+        rate = s["bytes"] / elapsed if elapsed > 0 else None
+        eta = None
+        if total and pages and elapsed > 0:
+            remaining = total // s["page_size"] - pages
+            eta = round(max(0, remaining) * elapsed / pages, 1)
+        return {
+            "number": migration.info.number,
+            "source": migration.info.peer,
+            "state": s["state"],
+            "started_at": migration.info.startedAt,
+            "elapsed_seconds": round(elapsed, 3),
+            "expected_channels": migration.info.channels,
+            "channels": s["channels"],
+            "bytes": s["bytes"],
+            "pages": {"with_data": s["pages_with_data"], "zero": s["zero_pages"],
+                      "total": total // s["page_size"] if total else None},
+            "percent": _percent(pages, s["page_size"], total),
+            "rate_bytes_per_second": None if rate is None else round(rate, 1),
+            "eta_seconds": eta,
+            "machine": None if migration.configuration is None else migration.configuration.machine,
+            "error": None,
+        }
+
+    def status(self) -> dict[str, Any]:
+        live = [self._live(m) for m in list(self.factory.migrations)]
+        return {
+            "time": self.clock.seconds(),
+            "in_progress": live,
+            "recent": list(self.recent),
+            "totals": self._totals(live),
+        }
+
+    def _totals(self, live: list[dict[str, Any]]) -> dict[str, int]:
+        return {
+            "migrations_started": self.completed + self.failed + len(live),
+            "migrations_completed": self.completed,
+            "migrations_failed": self.failed,
+            "migrations_in_progress": len(live),
+            "bytes_received": self.endedBytes + sum(m["bytes"] for m in live),
+            "pages_received": self.endedPages + sum(m["pages"]["with_data"] + m["pages"]["zero"] for m in live),
+            "channels_connected": sum(
+                1 for m in live for state in m["channels"].values() if state in ("connected", "at-barrier")
+            ),
+        }
+
+    def metrics(self) -> str:
+        totals = self._totals([self._live(m) for m in list(self.factory.migrations)])
+        lines: list[str] = []
+        for name, kind, key, text in (
+            ("migrations_started_total", "counter", "migrations_started", "Migrations started (first channel accepted)."),
+            ("migrations_completed_total", "counter", "migrations_completed", "Migrations that ended complete."),
+            ("migrations_failed_total", "counter", "migrations_failed", "Migrations that ended incomplete or were refused."),
+            ("received_bytes_total", "counter", "bytes_received", "Migration bytes received, all channels."),
+            ("pages_received_total", "counter", "pages_received", "RAM pages received (with data and zero)."),
+            ("migrations_in_progress", "gauge", "migrations_in_progress", "Migrations being received."),
+            ("channels_connected", "gauge", "channels_connected", "Open channels of migrations in progress."),
+        ):
+            metric = f"twisted_multifd_{name}"
+            lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}", f"{metric} {totals[key]}"]
+        return "\n".join(lines) + "\n"
+
+
+class _Page(Resource):
+    isLeaf = True
+
+    def __init__(self, render: Callable[[], bytes], contentType: bytes) -> None:
+        super().__init__()
+        self._render = render
+        self._type = contentType
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", self._type)
+        request.setHeader(b"cache-control", b"no-store")
+        return self._render()
+
+
+def statusSite(tracker: StatusTracker) -> Site:
+    root = Resource()
+    status = _Page(lambda: json.dumps(tracker.status(), indent=1).encode() + b"\n", b"application/json")
+    metrics = _Page(lambda: tracker.metrics().encode(), b"text/plain; version=0.0.4; charset=utf-8")
+    root.putChild(b"status", cast(IResource, status))
+    root.putChild(b"metrics", cast(IResource, metrics))
+    site = Site(root)
+    site.noisy = False
+    site.log = lambda request: None  # type: ignore[method-assign]  # no access log lines
+    return site
+
+
+__all__ = ["StatusTracker", "statusSite"]
