@@ -44,11 +44,12 @@ class ByteQueue:
                 return first if start == 0 else first[start:]
             self._offset += size
             return first[start : start + size]
+        # Slices are views, so each byte is copied once, by the join.
         pieces = []
         needed = size
         while needed:
             chunk = self._chunks[0]
-            piece = chunk[self._offset : self._offset + needed] if self._offset or len(chunk) > needed else chunk
+            piece = memoryview(chunk)[self._offset : self._offset + needed] if self._offset or len(chunk) > needed else chunk
             pieces.append(piece)
             needed -= len(piece)
             if self._offset + len(piece) == len(chunk):
@@ -57,6 +58,27 @@ class ByteQueue:
             else:
                 self._offset += len(piece)
         return b"".join(pieces)
+
+    def takeView(self, size: int) -> "bytes | memoryview":
+        """
+        Like L{take}, but without copying when the C{size} bytes lie in one
+        received chunk: then the result is a read-only C{memoryview} of that
+        chunk (which it keeps alive). Bytes that span chunks are joined, as
+        by L{take}.
+        """
+        if size > self._length:
+            raise ValueError(f"take({size}) with only {self._length} bytes queued")
+        first = self._chunks[0] if self._chunks else b""
+        start = self._offset
+        if 0 < size < len(first) - start or (start and size == len(first) - start):
+            self._length -= size
+            if size == len(first) - start:
+                self._chunks.popleft()
+                self._offset = 0
+            else:
+                self._offset += size
+            return memoryview(first)[start : start + size]
+        return self.take(size)
 
     def takeAll(self) -> bytes:
         return self.take(self._length)

@@ -45,6 +45,12 @@ log = Logger(namespace="twisted_multifd.channel")
 # The device-state tail is held in memory until the stream ends.
 MAX_TAIL = 256 * 1024 * 1024
 
+# Bytes asked for per read on a multifd channel (Twisted's TCP transport reads
+# C{bufferSize} bytes at a time, 64 KiB by default). A multifd RAM packet is
+# 512 KiB of pages plus its header, so most arrive in one or two reads instead
+# of about nine, and Twisted's per-read dispatch is paid far less often.
+MULTIFD_READ_SIZE = 1024 * 1024
+
 
 class _Channel(Protocol):
     """
@@ -247,6 +253,10 @@ class MultiFDChannel(_Channel):
 
     def connectionMade(self) -> None:
         log.info("{label}: classified as multifd channel", label=self.label)
+        # Only a plain TCP transport has this knob; other transports (TLS,
+        # test transports) read as they do.
+        if isinstance(getattr(self.transport, "bufferSize", None), int):
+            setattr(self.transport, "bufferSize", MULTIFD_READ_SIZE)
 
     def _stream(self) -> ParserGenerator:
         yield parseInitPacket((yield INIT_PACKET_SIZE))

@@ -21,6 +21,17 @@ from ._errors import ProtocolError
 ParserGenerator = Generator[Any, Any, None]
 
 
+class View(int):
+    """
+    Request: exactly that many bytes, which may be handed over as a read-only
+    C{memoryview} of a received chunk rather than copied into new C{bytes}.
+    For large payloads that are only passed on (written out), never parsed.
+    A driver that does not know this request may treat it as a plain C{int}.
+    """
+
+    __slots__ = ()
+
+
 class _ToEnd:
     """
     Request: every remaining byte, once the stream has ended.
@@ -107,7 +118,10 @@ class IncrementalParser:
                     return None
                 self._boundary = False
                 self.consumed += request
-                self._advance(self._queue.take(request))
+                if type(request) is View:
+                    self._advance(self._queue.takeView(request))
+                else:
+                    self._advance(self._queue.take(request))
             elif request is READ_TO_END:
                 if not self._ended:
                     return None

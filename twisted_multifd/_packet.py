@@ -22,7 +22,7 @@ from ._compression import (
     makeDecompressor,
 )
 from ._errors import ProtocolError
-from ._incremental import RECORD_BOUNDARY, ParserGenerator
+from ._incremental import RECORD_BOUNDARY, ParserGenerator, View
 from ._initpacket import MULTIFD_MAGIC, MULTIFD_VERSION
 
 MULTIFD_PACKET_SIZE = 512 * 1024
@@ -62,7 +62,8 @@ class RamPacket:
         (whose name field may be stale, as QEMU up to 8.2 leaves it).
     @ivar normalOffsets: block offsets of the pages carried in C{data}, in order.
     @ivar zeroOffsets: block offsets of pages that are zero (QEMU 9.0+).
-    @ivar data: the (decompressed) contents of the normal pages, back to back.
+    @ivar data: the (decompressed) contents of the normal pages, back to back
+        (C{bytes}, or a read-only C{memoryview} of received bytes).
     """
 
     flags: int
@@ -186,7 +187,9 @@ def channelPackets(pageSize: int, compression: int | None = None) -> ParserGener
         if normal == 0:
             data = b""
         elif value == 0:
-            data = yield expected
+            # Passed on to the sink as it is: no need to copy it out of the
+            # received chunk when it lies in one.
+            data = yield View(expected)
         else:
             # A compressed payload can be slightly larger than its input.
             if nextSize > 2 * expected + 4096:
