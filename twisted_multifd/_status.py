@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
+from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
@@ -161,8 +162,13 @@ class _Page(Resource):
         return self._render()
 
 
+class _Root(Resource):
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        return notFound()
+
+
 def statusSite(tracker: StatusTracker) -> Site:
-    root = Resource()
+    root = _Root()
     status = _Page(lambda: json.dumps(tracker.status(), indent=1).encode() + b"\n", b"application/json")
     metrics = _Page(lambda: tracker.metrics().encode(), b"text/plain; version=0.0.4; charset=utf-8")
     root.putChild(b"status", cast(IResource, status))
