@@ -15,14 +15,19 @@ import sys
 import threading
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.python import usage
-from twisted.python.failure import Failure
 
-from ._inspect import InspectError, InspectInterrupted, inspectPath, inspectStream, renderJSON, renderText
+from ._inspect import (
+    InspectError,
+    InspectInterrupted,
+    inspectPath,
+    inspectStream,
+    renderJSON,
+    renderText,
+)
+from ._threadwork import runInterruptibly
 
 # Seconds an interrupted inspection has to stop.
-STOP_GRACE = 2.0
 
 
 def _error(message: str) -> None:
@@ -80,52 +85,13 @@ class InspectOptions(usage.Options):
 
 async def runInspect(reactor: Any, options: InspectOptions) -> int:
     path = options["path"]
-    stop = threading.Event()
-    inspecting: Deferred[Any] = Deferred()
+    def work(stop: threading.Event) -> Any:
+        if path == "-":
+            return inspectStream(sys.stdin.buffer, pageSize=options["page-size"], name="-", interrupted=stop.is_set)
+        return inspectPath(path, pageSize=options["page-size"], interrupted=stop.is_set)
 
-    def settle(outcome: Any) -> None:
-        if not inspecting.called:
-            (inspecting.errback if isinstance(outcome, Failure) else inspecting.callback)(outcome)
-
-    def work() -> None:
-        # In a thread of its own, so that Ctrl-C stops a long one between chunks.
-        try:
-            if path == "-":
-                outcome: Any = inspectStream(
-                    sys.stdin.buffer, pageSize=options["page-size"], name="-", interrupted=stop.is_set
-                )
-            else:
-                outcome = inspectPath(path, pageSize=options["page-size"], interrupted=stop.is_set)
-        except BaseException:
-            outcome = Failure()
-        reactor.callFromThread(settle, outcome)
-
-    running: Deferred[None] = Deferred()
-    reactor.callWhenRunning(running.callback, None)
-    await running
-    threading.Thread(target=work, name="twisted-multifd inspect", daemon=True).start()
-
-    finished: Deferred[None] = Deferred()
-
-    def passOn(result: Any) -> Any:
-        finished.callback(None)
-        return result
-
-    inspecting.addBoth(passOn)
-
-    def interrupted() -> Deferred[None] | None:
-        # Ctrl-C or SIGTERM: stop at the next chunk; shutdown waits for
-        # that, or gives up after a while.
-        if inspecting.called:
-            return None
-        stop.set()
-        giveUp = reactor.callLater(STOP_GRACE, settle, Failure(InspectInterrupted()))
-        finished.addCallback(lambda _: giveUp.cancel() if giveUp.active() else None)
-        return finished
-
-    reactor.addSystemEventTrigger("before", "shutdown", interrupted)
     try:
-        report = await inspecting
+        report = await runInterruptibly(reactor, work, name="twisted-multifd inspect", interrupted=InspectInterrupted)
     except InspectInterrupted:
         _error("interrupted")
         return 1

@@ -15,10 +15,9 @@ import threading
 import time
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 from ._capturereader import CaptureError, loadCapture
 from ._compression import SUPPORTED_COMPRESSION
@@ -30,6 +29,7 @@ from ._sender import (
     SendError,
     sendCapture,
 )
+from ._threadwork import runInterruptibly, whenRunning
 
 log = Logger(namespace="twisted_multifd.send")
 
@@ -37,17 +37,6 @@ AUTO = "auto"
 
 # Seconds an interrupted export has to stop (and remove its partial file).
 EXPORT_STOP_GRACE = 2.0
-
-
-def _running(reactor: Any) -> Deferred[None]:
-    """
-    Fires once the reactor runs: its signal handlers are in place then, so
-    that Ctrl-C or SIGTERM goes through the shutdown triggers that stop a
-    send or an export (and make the exit status non-zero).
-    """
-    running: Deferred[None] = Deferred()
-    reactor.callWhenRunning(running.callback, None)
-    return running
 
 
 def _error(message: str) -> None:
@@ -139,7 +128,7 @@ async def runSend(reactor: Any, options: SendOptions) -> int:
     except CaptureError as e:
         _error(f"cannot send {e}")
         return 2
-    await _running(reactor)
+    await whenRunning(reactor)
     sending = sendCapture(
         reactor, capture, options["to"],
         channels=options["channels"],
@@ -208,63 +197,29 @@ async def runExport(reactor: Any, options: ExportOptions) -> int:
         return 2
     total = capture.totalPages
     interval = options["progress-interval"]
-    stop = threading.Event()
     last = [time.monotonic()]
 
-    def progress(pages: int, size: int) -> None:
-        # In the worker thread.
-        if stop.is_set():
-            raise _Interrupted()
-        now = time.monotonic()
-        if now - last[0] >= interval:
-            last[0] = now
-            reactor.callFromThread(
-                log.info, "exporting {capture}: {percent:.0f}% of pages ({pages} of {total}), {mib:.1f} MiB",
-                capture=capture.path, percent=100 * pages / total if total else 100,
-                pages=pages, total=total, mib=size / 1048576,
-            )
+    def work(stop: threading.Event) -> Any:
+        def progress(pages: int, size: int) -> None:
+            if stop.is_set():
+                raise _Interrupted()
+            now = time.monotonic()
+            if now - last[0] >= interval:
+                last[0] = now
+                reactor.callFromThread(
+                    log.info, "exporting {capture}: {percent:.0f}% of pages ({pages} of {total}), {mib:.1f} MiB",
+                    capture=capture.path, percent=100 * pages / total if total else 100,
+                    pages=pages, total=total, mib=size / 1048576,
+                )
 
-    # In a thread of its own, so that Ctrl-C or SIGTERM stops it (and the
-    # partial file is removed) instead of waiting for the reactor's next turn.
-    exporting: Deferred[Any] = Deferred()
+        return exportCapture(capture, sys.stdout.buffer if output == "-" else output, onProgress=progress)
 
-    def settle(outcome: Any) -> None:
-        if not exporting.called:
-            (exporting.errback if isinstance(outcome, Failure) else exporting.callback)(outcome)
-
-    def work() -> None:
-        try:
-            outcome: Any = exportCapture(
-                capture, sys.stdout.buffer if output == "-" else output, onProgress=progress
-            )
-        except BaseException:
-            outcome = Failure()
-        reactor.callFromThread(settle, outcome)
-
-    await _running(reactor)
-    # A daemon thread: one blocked writing to a stalled pipe (-o -) cannot
-    # keep the process from exiting.
-    threading.Thread(target=work, name="twisted-multifd export", daemon=True).start()
-    finished: Deferred[None] = Deferred()
-
-    def passOn(result: Any) -> Any:
-        finished.callback(None)
-        return result
-
-    exporting.addBoth(passOn)
-
-    def interrupted() -> Deferred[None] | None:
-        if exporting.called:
-            return None
-        stop.set()
-        # Shutdown waits until the export stopped, or gives up after a while.
-        giveUp = reactor.callLater(EXPORT_STOP_GRACE, settle, Failure(_Interrupted()))
-        finished.addCallback(lambda _: giveUp.cancel() if giveUp.active() else None)
-        return finished
-
-    reactor.addSystemEventTrigger("before", "shutdown", interrupted)
     try:
-        result = await exporting
+        # Interrupted, the export stops at its next progress call and removes
+        # its partial file.
+        result = await runInterruptibly(
+            reactor, work, name="twisted-multifd export", interrupted=_Interrupted, grace=EXPORT_STOP_GRACE
+        )
     except _Interrupted:
         _error(f"interrupted: {output} was not written" if output != "-" else "interrupted")
         return 1
