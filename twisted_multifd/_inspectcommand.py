@@ -10,7 +10,6 @@ inspected at all (one line on standard error).
 
 from __future__ import annotations
 
-import getopt
 import sys
 import threading
 from typing import Any
@@ -25,17 +24,11 @@ from ._inspect import (
     renderJSON,
     renderText,
 )
+from ._options import OptionsAroundArguments, printError
 from ._threadwork import runInterruptibly
 
-# Seconds an interrupted inspection has to stop.
 
-
-def _error(message: str) -> None:
-    sys.stderr.write(f"twisted-multifd: error: {message}\n")
-    sys.stderr.flush()
-
-
-class InspectOptions(usage.Options):
+class InspectOptions(OptionsAroundArguments):
     synopsis = "PATH [--json]"
     longdesc = (
         "Describe a capture (its folder or its manifest.json) or a plain migration stream file (as"
@@ -50,22 +43,6 @@ class InspectOptions(usage.Options):
         ["page-size", None, 4096,
          "A stream's target page size, unless its configuration says (4096 on x86).", int],
     ]
-
-    def parseOptions(self, options: list[str] | None = None) -> None:
-        # Options before or after PATH.
-        if options is None:
-            options = sys.argv[1:]
-        try:
-            opts, args = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
-        except getopt.error as e:
-            raise usage.UsageError(str(e))
-        ordered: list[str] = []
-        for opt, value in opts:
-            if opt.startswith("--"):
-                ordered.append(f"{opt}={value}" if f"{opt[2:]}=" in self.longOpt else opt)
-            else:
-                ordered.append(opt + value)
-        super().parseOptions([*ordered, "--", *args])
 
     def parseArgs(self, path: str | None = None, *rest: str) -> None:
         if path is None:
@@ -93,13 +70,13 @@ async def runInspect(reactor: Any, options: InspectOptions) -> int:
     try:
         report = await runInterruptibly(reactor, work, name="twisted-multifd inspect", interrupted=InspectInterrupted)
     except InspectInterrupted:
-        _error("interrupted")
+        printError("interrupted")
         return 1
     except InspectError as e:
-        _error(f"cannot inspect {e}")
+        printError(f"cannot inspect {e}")
         return 2
     except OSError as e:
-        _error(f"cannot inspect {path}: {e.strerror or e}")
+        printError(f"cannot inspect {path}: {e.strerror or e}")
         return 2
     sys.stdout.write(renderJSON(report) if options["json"] else renderText(report))
     sys.stdout.flush()

@@ -5,7 +5,9 @@ C{twistd multifd} plugin so that both accept the same words.
 
 from __future__ import annotations
 
+import getopt
 import importlib
+import sys
 from typing import Callable
 
 from twisted.python import usage
@@ -53,6 +55,37 @@ def checkTLSOptions(options: usage.Options) -> None:
         for name in ("tls-key", "tls-ca"):
             if options[name] is not None:
                 raise usage.UsageError(f"--{name} needs --tls-cert")
+
+
+def printError(message: str) -> None:
+    """
+    One line on standard error, the way every command reports what stops it.
+    """
+    sys.stderr.write(f"twisted-multifd: error: {message}\n")
+    sys.stderr.flush()
+
+
+class OptionsAroundArguments(usage.Options):
+    """
+    Options before or after the positional arguments (C{send CAPTURE --to X}
+    as well as C{send --to X CAPTURE}); twisted.python.usage alone stops at
+    the first argument.
+    """
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        if options is None:
+            options = sys.argv[1:]
+        try:
+            opts, args = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error as e:
+            raise usage.UsageError(str(e))
+        ordered: list[str] = []
+        for opt, value in opts:
+            if opt.startswith("--"):
+                ordered.append(f"{opt}={value}" if f"{opt[2:]}=" in self.longOpt else opt)
+            else:
+                ordered.append(opt + value)
+        super().parseOptions([*ordered, "--", *args])
 
 
 def _command(module: str, name: str) -> Callable[[], usage.Options]:

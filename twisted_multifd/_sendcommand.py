@@ -9,7 +9,6 @@ captures refused before anything was connected or written.
 
 from __future__ import annotations
 
-import getopt
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ from twisted.python import usage
 
 from ._capturereader import CaptureError, loadCapture
 from ._compression import SUPPORTED_COMPRESSION
-from ._options import channelCount, positiveFloat
+from ._options import OptionsAroundArguments, channelCount, positiveFloat, printError
 from ._sender import (
     DEFAULT_TIMEOUT,
     FLUSH_MODES,
@@ -39,31 +38,10 @@ AUTO = "auto"
 EXPORT_STOP_GRACE = 2.0
 
 
-def _error(message: str) -> None:
-    sys.stderr.write(f"twisted-multifd: error: {message}\n")
-    sys.stderr.flush()
-
-
-class _CaptureCommand(usage.Options):
+class _CaptureCommand(OptionsAroundArguments):
     """
-    Options and the capture path in any order (C{send CAPTURE --to X} as
-    well as C{send --to X CAPTURE}).
+    A command on one capture folder, given anywhere among the options.
     """
-
-    def parseOptions(self, options: list[str] | None = None) -> None:
-        if options is None:
-            options = sys.argv[1:]
-        try:
-            opts, args = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
-        except getopt.error as e:
-            raise usage.UsageError(str(e))
-        ordered: list[str] = []
-        for opt, value in opts:
-            if opt.startswith("--"):
-                ordered.append(f"{opt}={value}" if f"{opt[2:]}=" in self.longOpt else opt)
-            else:
-                ordered.append(opt + value)
-        super().parseOptions([*ordered, "--", *args])
 
     def parseArgs(self, capture: str | None = None, *rest: str) -> None:
         if capture is None:
@@ -126,7 +104,7 @@ async def runSend(reactor: Any, options: SendOptions) -> int:
     try:
         capture = loadCapture(options["capture"])
     except CaptureError as e:
-        _error(f"cannot send {e}")
+        printError(f"cannot send {e}")
         return 2
     await whenRunning(reactor)
     sending = sendCapture(
@@ -149,10 +127,10 @@ async def runSend(reactor: Any, options: SendOptions) -> int:
     try:
         await sending
     except CaptureError as e:
-        _error(f"cannot send {e}")
+        printError(f"cannot send {e}")
         return 2
     except ValueError as e:
-        _error(str(e))
+        printError(str(e))
         return 2
     except (SendError, CancelledError):
         return 1  # the sender has logged why
@@ -189,11 +167,11 @@ async def runExport(reactor: Any, options: ExportOptions) -> int:
     try:
         capture = loadCapture(options["capture"])
     except CaptureError as e:
-        _error(f"cannot export {e}")
+        printError(f"cannot export {e}")
         return 2
     output = options["output"]
     if output == "-" and sys.stdout.isatty():
-        _error("-o - writes a binary stream to standard output, which is a terminal; redirect it")
+        printError("-o - writes a binary stream to standard output, which is a terminal; redirect it")
         return 2
     total = capture.totalPages
     interval = options["progress-interval"]
@@ -221,13 +199,13 @@ async def runExport(reactor: Any, options: ExportOptions) -> int:
             reactor, work, name="twisted-multifd export", interrupted=_Interrupted, grace=EXPORT_STOP_GRACE
         )
     except _Interrupted:
-        _error(f"interrupted: {output} was not written" if output != "-" else "interrupted")
+        printError(f"interrupted: {output} was not written" if output != "-" else "interrupted")
         return 1
     except CaptureError as e:
-        _error(f"cannot export {e}")
+        printError(f"cannot export {e}")
         return 2
     except OSError as e:
-        _error(f"writing {output} failed: {e}")
+        printError(f"writing {output} failed: {e}")
         return 1
     log.info("exported {capture} to {output}: {pages} pages ({data} with data), {mib:.1f} MiB"
              " of plain migration stream in {seconds:.2f} s",
