@@ -122,6 +122,13 @@ class Migration:
         self.stream["version"] = version
 
     def mainConfiguration(self, configuration: Configuration) -> None:
+        if configuration.uuid is not None and self.uuid is not None and configuration.uuid != self.uuid:
+            # The receiver pairs a main channel only when no other pairing is
+            # possible; with validate-uuid the source proves it.
+            raise ProtocolError(
+                f"uuid {configuration.uuid.hex()}, its multifd channels sent {self.uuid.hex()}",
+                field="configuration uuid",
+            )
         self.configuration = configuration
         self.stream["configuration"] = configuration.raw.hex()
         if configuration.targetPageBits is not None:

@@ -20,6 +20,13 @@ from ._capture import captureIsComplete
 from ._service import ListeningService, tlsFromOptions, asTwistdService, makeReceiverFactory, runListening
 
 
+def positiveInt(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
 class ReceiveOptions(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -43,6 +50,12 @@ class ReceiveOptions(usage.Options):
         ["channel-timeout", None, 60.0,
          "Seconds a migration waits for missing channels, and at the end for channels to close.",
          positiveFloat],
+        ["max-migrations", None, 16,
+         "Migrations at once (assembling or loading); a connection that would start one more is"
+         " refused.", positiveInt],
+        ["max-waiting-channels", None, 256,
+         "Connections waiting for the other channels of their migration, over all migrations; one"
+         " more is refused.", positiveInt],
         ["progress-interval", None, 10.0, "Seconds between progress log lines.", positiveFloat],
         ["address-file", None, None,
          "Once listening, write the address (tcp:HOST:PORT or unix:PATH) to this file."],
@@ -63,6 +76,9 @@ class ReceiveOptions(usage.Options):
 
     def postOptions(self) -> None:
         checkTLSOptions(self)
+        if self["max-waiting-channels"] < self["channels"] + 1:
+            raise usage.UsageError(
+                f"--max-waiting-channels must be at least --channels + 1 ({self['channels'] + 1})")
         self.tls = tlsFromOptions(self)
         if self["status"] is not None:
             try:

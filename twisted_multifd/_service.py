@@ -67,6 +67,8 @@ def makeReceiverFactory(
         pageSize=options["page-size"],
         sniffTimeout=options["sniff-timeout"],
         channelTimeout=options["channel-timeout"],
+        maxMigrations=options.get("max-migrations", 16),
+        maxWaitingChannels=options.get("max-waiting-channels", 256),
         onMigrationEnded=onMigrationEnded,
         clock=reactor,
     )
