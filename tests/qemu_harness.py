@@ -857,7 +857,9 @@ def write_junk_file(path: Path, size: int = RAM_SIZE) -> Path:
 
 
 class ReceiverProcess(ManagedProcess):
-    """``python -m twisted_multifd receive --once``, run as a user would."""
+    """``python -m twisted_multifd receive --once``, run as a user would
+    (or, with ``once=False``, as a service: one sub-folder of ``output`` per
+    migration)."""
 
     def __init__(
         self,
@@ -868,19 +870,21 @@ class ReceiverProcess(ManagedProcess):
         extra_args: Sequence[str] = (),
         python_args: Sequence[str] = (),
         root: Path = REPO_ROOT,
+        once: bool = True,
     ) -> None:
         """``python_args`` go between the interpreter and ``-m twisted_multifd``
         (e.g. ``-m cProfile -o FILE`` to profile the receiver); ``root`` is the
         folder holding the ``twisted_multifd`` package to run (a frozen copy,
         say), first on the path and the working directory."""
         self.output = output
+        self.once = once
         self.address_file = log_dir / f"{name}.address"
         argv = [
             sys.executable, *python_args, "-m", "twisted_multifd", "receive",
             "--listen", "tcp:0:interface=127.0.0.1",
             "--channels", str(channels),
             "--output", str(output),
-            "--once",
+            *(["--once"] if once else []),
             "--address-file", str(self.address_file),
             *extra_args,
         ]  # fmt: skip
@@ -1332,8 +1336,12 @@ class QemuLab:
         name: str = "receiver",
         python_args: Sequence[str] = (),
         root: Path = REPO_ROOT,
+        once: bool = True,
     ) -> ReceiverProcess:
-        return self._track(ReceiverProcess(name, channels, output, self.log_dir, extra_args, python_args, root))
+        """With ``once=False`` a service: one sub-folder of ``output`` per migration."""
+        return self._track(
+            ReceiverProcess(name, channels, output, self.log_dir, extra_args, python_args, root, once=once)
+        )
 
     def start_relay(self, upstream: str, channels: int, tls: bool = False) -> MainLastRelay:
         return self._track(MainLastRelay(upstream, channels, tls=tls))

@@ -73,13 +73,30 @@ def writeFileAtomically(path: str, data: bytes) -> None:
     """
     Write C{data} to C{path} so that a reader sees the old file or the whole
     new one, never a part: a temporary file, fsync, rename, fsync the folder.
+    If any step before the rename fails (disk full, say), the temporary file
+    is removed and C{path} is as it was.
     """
     temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        _removeQuietly(temporary)
+        raise
+    _fsyncFolder(path)
+
+
+def _removeQuietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _fsyncFolder(path: str) -> None:
     folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -161,13 +178,53 @@ class _EarlyWriteback:
             self._executor = None
 
 
+class CaptureWriteError(MigrationError):
+    """
+    The capture could not be written (disk full, read-only, I/O error): the
+    migration ends as failed, with this as its reason.
+    """
+
+
+def _writeError(directory: str, what: str, e: OSError) -> CaptureWriteError:
+    reason = e.strerror or str(e)
+    code = f" (errno {e.errno})" if e.errno is not None else ""
+    return CaptureWriteError(f"writing {what} failed: {reason}{code}", connection=f"capture {directory}")
+
+
+# Space kept for the manifest from the start of a capture, so that a capture
+# that fills the disk can still say so: the manifest is written into it.
+MANIFEST_RESERVE = 64 * 1024
+_RESERVE_NAME = ".manifest.reserve"
+
+
+def _reserveSpace(path: str, size: int) -> bool:
+    """
+    Create C{path} with C{size} bytes allocated on disk. False if the
+    filesystem cannot preallocate (the manifest is then written afresh).
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return True
+    except OSError:
+        _removeQuietly(path)
+        return False
+    finally:
+        os.close(fd)
+
+
 class _BlockImage:
     def __init__(self, block: RamBlock, path: str, pageSize: int,
                  writeback: _EarlyWriteback | None = None) -> None:
         self.block = block
         self.pageSize = pageSize
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, block.length)
+        try:
+            os.ftruncate(self.fd, block.length)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
         self.pages = bytearray((block.length + pageSize - 1) // pageSize)
         self._writeback = writeback
         self._unkicked = 0
@@ -210,10 +267,13 @@ class _BlockImage:
             pages[index] = _ZERO
 
     def close(self) -> None:
+        """
+        Flush and close the image; the fd is closed whatever fails.
+        """
         if self.fd >= 0:
-            if self._writeback is not None:
-                self._writeback.wait()
             try:
+                if self._writeback is not None:
+                    self._writeback.wait()
                 os.fsync(self.fd)
             finally:
                 os.close(self.fd)
@@ -244,13 +304,24 @@ class CaptureWriter:
         self._deviceStatePackets: list[dict[str, Any]] = []
         self._configuration: Configuration | None = None
         self._writeback = _EarlyWriteback()
-        os.makedirs(directory, exist_ok=True)
+        self._ended = False
+        self._reserve: str | None = None
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise _writeError(directory, "the capture folder", e) from e
         # Never overwrite a complete capture; a failed one may be replaced.
         if captureIsComplete(directory):
             raise FileExistsError(f"{directory} already holds a complete capture")
         existing = os.path.join(directory, MANIFEST)
-        if os.path.exists(existing):
-            os.unlink(existing)
+        try:
+            if os.path.exists(existing):
+                os.unlink(existing)
+            reserve = os.path.join(directory, _RESERVE_NAME)
+            if _reserveSpace(reserve, MANIFEST_RESERVE):
+                self._reserve = reserve
+        except OSError as e:
+            raise _writeError(directory, "the capture folder", e) from e
 
     def migrationStarted(self, info: MigrationInfo) -> None:
         pass
@@ -259,54 +330,85 @@ class CaptureWriter:
         self._configuration = configuration
 
     def ramBlocks(self, blocks: Sequence[RamBlock], pageSize: int) -> None:
-        ramDir = os.path.join(self.directory, "ram")
-        os.makedirs(ramDir, exist_ok=True)
         taken: set[str] = set()
-        for block in blocks:
-            fileName = _fileName(block.name, taken)
-            relative = f"ram/{fileName}"
-            self._images[block.name] = _BlockImage(
-                block, os.path.join(self.directory, relative), pageSize, self._writeback
-            )
-            self._order.append((block, relative))
+        relative = "ram/"
+        try:
+            os.makedirs(os.path.join(self.directory, "ram"), exist_ok=True)
+            for block in blocks:
+                fileName = _fileName(block.name, taken)
+                relative = f"ram/{fileName}"
+                self._images[block.name] = _BlockImage(
+                    block, os.path.join(self.directory, relative), pageSize, self._writeback
+                )
+                self._order.append((block, relative))
+        except OSError as e:
+            raise _writeError(self.directory, relative, e) from e
 
     def writePages(self, block: RamBlock, offsets: Sequence[int], data: Any) -> None:
-        self._images[block.name].write(offsets, data)
+        try:
+            self._images[block.name].write(offsets, data)
+        except OSError as e:
+            raise _writeError(self.directory, self._fileOf(block), e) from e
 
     def zeroPages(self, block: RamBlock, offsets: Sequence[int]) -> None:
-        self._images[block.name].zero(offsets)
+        try:
+            self._images[block.name].zero(offsets)
+        except OSError as e:
+            raise _writeError(self.directory, self._fileOf(block), e) from e
+
+    def _fileOf(self, block: RamBlock) -> str:
+        for known, relative in self._order:
+            if known.name == block.name:
+                return relative
+        return f"the image of RAM block {block.name!r}"
 
     def deviceStatePacket(self, packet: DeviceStatePacket) -> None:
-        folder = os.path.join(self.directory, "multifd-device-state")
-        os.makedirs(folder, exist_ok=True)
         index = len(self._deviceStatePackets)
         name = _safeStem(packet.idstr)
         relative = f"multifd-device-state/{index:06d}-{name}-{packet.instanceID}.bin"
-        with open(os.path.join(self.directory, relative), "wb") as f:
-            f.write(packet.data)
+        try:
+            os.makedirs(os.path.join(self.directory, "multifd-device-state"), exist_ok=True)
+            with open(os.path.join(self.directory, relative), "wb") as f:
+                f.write(packet.data)
+        except OSError as e:
+            raise _writeError(self.directory, relative, e) from e
         self._deviceStatePackets.append(
             {"idstr": packet.idstr, "instance_id": packet.instanceID, "flags": packet.flags, "file": relative}
         )
 
     def streamEnded(self, tail: StreamTail) -> None:
         self._tail = tail
-        with open(os.path.join(self.directory, "device-state.bin"), "wb") as f:
-            f.write(tail.deviceState)
-            f.flush()
-            os.fsync(f.fileno())
+        files = [("device-state.bin", tail.deviceState)]
         if tail.vmdescription is not None:
-            with open(os.path.join(self.directory, "vmdesc.json"), "wb") as f:
-                f.write(tail.vmdescription)
-                f.flush()
-                os.fsync(f.fileno())
+            files.append(("vmdesc.json", tail.vmdescription))
+        for relative, data in files:
+            try:
+                with open(os.path.join(self.directory, relative), "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise _writeError(self.directory, relative, e) from e
 
     def migrationEnded(self, result: MigrationResult) -> None:
+        """
+        Close every image (each fd is closed even if flushing one fails), stop
+        the writeback thread, then write the manifest. A complete migration
+        whose images could not be flushed gets an incomplete manifest and
+        raises; if the manifest itself cannot be written, there is none (the
+        capture reads as incomplete) and this raises.
+        """
+        if self._ended:
+            return
+        self._ended = True
         complete, error = result.complete, result.error
         try:
-            for image in self._images.values():
-                image.close()
-        except OSError as e:
-            complete, error = False, error or f"writing the RAM images failed: {e}"
+            for relative, image in zip((r for _, r in self._order), self._images.values()):
+                try:
+                    image.close()
+                except OSError as e:
+                    if complete:
+                        complete, error = False, str(_writeError(self.directory, relative, e))
         finally:
             self._writeback.shutdown()
         tail = self._tail
@@ -342,10 +444,37 @@ class CaptureWriter:
             "multifd_device_state": self._deviceStatePackets,
             "stream": result.stream,
         }
+        try:
+            self._writeManifest(json.dumps(manifest, indent=2).encode() + b"\n")
+        except OSError as e:
+            raise _writeError(self.directory, MANIFEST, e) from e
         self.manifest = manifest
-        writeFileAtomically(
-            os.path.join(self.directory, MANIFEST),
-            json.dumps(manifest, indent=2).encode() + b"\n",
-        )
         if result.complete and not complete:
             raise MigrationError(error or "capture incomplete")
+
+    def _writeManifest(self, data: bytes) -> None:
+        """
+        Write the manifest atomically: into the space reserved at the start
+        if it fits (so that a full disk does not stop it), else afresh.
+        """
+        path = os.path.join(self.directory, MANIFEST)
+        reserve, self._reserve = self._reserve, None
+        if reserve is not None:
+            if len(data) <= MANIFEST_RESERVE:
+                try:
+                    fd = os.open(reserve, os.O_WRONLY)
+                    try:
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.write(fd, view):]
+                        os.ftruncate(fd, len(data))
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    os.replace(reserve, path)
+                    _fsyncFolder(path)
+                    return
+                except OSError:
+                    pass  # free the reserve and try a new file
+            _removeQuietly(reserve)
+        writeFileAtomically(path, data)

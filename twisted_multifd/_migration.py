@@ -375,6 +375,8 @@ class Migration:
                 # The sink could not record the migration (disk full, say): it
                 # is not complete, whatever the wire said.
                 result = self._result(self._sinkFailed(e), duration)
+            elif isinstance(e, MigrationError):
+                log.error("{label}: recording the failure failed too: {error}", label=self.label, error=str(e))
             else:
                 log.failure("{label}: the sink failed while recording the failure", label=self.label)
         self.state = COMPLETE if result.complete else FAILED
