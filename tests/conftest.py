@@ -7,7 +7,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from qemu_harness import QemuBinary, QemuLab, QemuUnavailable, find_qemu
+
+# --- hypothesis: the suite's fuzz runs are sized for CI; a longer run is
+# HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py (docs/testing.md)
+settings.register_profile("long", max_examples=20_000, deadline=None)
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 # --- real QEMU (tests marked ``qemu``; harness in tests/qemu_harness.py) ---
 

@@ -17,7 +17,10 @@ from twisted_multifd._mainstream import mainStream
 from twisted_multifd._packet import channelPackets
 from twisted_multifd._tail import splitTail
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 300 examples each in the suite; HYPOTHESIS_PROFILE=long (tests/conftest.py) runs many more.
+FUZZ = settings(
+    max_examples=max(300, settings().max_examples), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def _drive(parser, data, cuts):
@@ -114,3 +117,51 @@ def test_tailWithoutVmdesc():
     tail = splitTail(TAIL[:12917])
     assert tail.vmdescription is None
     assert len(tail.devices) == 31
+
+
+def test_hostileRamTotalIsRefusedBeforeAnyAllocation():
+    """
+    A block list announcing more RAM than a receiver accepts ends with a
+    specific error, before any sink sets aside state for it.
+    """
+    from twisted_multifd._mainstream import (
+        MAX_RAM_TOTAL, RAM_MEM_SIZE, SECTION_START, buildConfiguration, buildHeader, buildSectionHeader,
+    )
+    import struct
+
+    data = (
+        buildHeader() + buildConfiguration("pc-i440fx-10.0") + buildSectionHeader(SECTION_START, 1)
+        + struct.pack(">Q", (MAX_RAM_TOTAL + 4096) | RAM_MEM_SIZE)
+    )
+    parser = IncrementalParser(mainStream())
+    parser.feed(data)
+    with pytest.raises(ProtocolError) as e:
+        while parser.nextEvent() is not None:
+            pass
+    assert e.value.field == "block list"
+    assert "more than the 1 TiB accepted" in str(e.value)
+
+
+@FUZZ
+@given(manifest=st.one_of(
+    st.binary(max_size=300),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=6),
+        max_leaves=20,
+    ).map(lambda value: __import__("json").dumps(value).encode()),
+))
+def test_captureManifestFuzz(tmp_path_factory, manifest):
+    """
+    Any manifest.json: loading the capture gives a Capture or a CaptureError,
+    never another exception.
+    """
+    from twisted_multifd import CaptureError, loadCapture
+
+    folder = tmp_path_factory.mktemp("capture")
+    (folder / "manifest.json").write_bytes(manifest)
+    for strict in (True, False):
+        try:
+            loadCapture(str(folder), strict=strict)
+        except CaptureError:
+            pass

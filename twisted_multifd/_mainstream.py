@@ -77,6 +77,7 @@ FLUSH_PER_ROUND = "per-round"
 FLUSH_PER_SECTION = "per-section"
 
 MAX_MACHINE_NAME = 256
+MAX_RAM_TOTAL = 1 << 40  # 1 TiB: a capture keeps a byte of state per page (256 MiB at most)
 MAX_CAPABILITIES = 64
 
 
@@ -419,6 +420,13 @@ class _RamState:
                 raise ProtocolError(f"invalid record flags {flags:#05x}", field="RAM record")
 
     def _blockList(self, total: int) -> ParserGenerator:
+        # A hostile total must not make a sink set aside memory or disk for
+        # it: receivers keep a byte of state per page.
+        if total > MAX_RAM_TOTAL:
+            raise ProtocolError(
+                f"the block list announces {total:#x} bytes of RAM, more than the"
+                f" {MAX_RAM_TOTAL >> 40} TiB accepted", field="block list"
+            )
         blocks: dict[str, RamBlock] = {}
         seen = 0
         while seen < total:
