@@ -1090,18 +1090,9 @@ class MainLastRelay:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            if not self._closing:
-                conn.errors.append(f"to_upstream: {exc!r}")
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            self._direction_broke(conn, src, dst, "to_upstream", exc)
         finally:
-            with self._lock:
-                conn.directions_done += 1
-                both_done = conn.directions_done == 2
-            if both_done:
-                src.close()
-                dst.close()
+            self._direction_done(conn, src, dst)
 
     def _accept_all(self, deadline: float, connect: Callable[[RelayedConnection], None] | None = None) -> None:
         for index in range(self.channels + 1):
@@ -1192,19 +1183,27 @@ class MainLastRelay:
             with contextlib.suppress(OSError):  # the peer already closed; nothing left to tell it
                 dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            if not self._closing:
-                conn.errors.append(f"{counter}: {exc!r}")
-            # One direction broke: wake the other one too instead of waiting out its timeout.
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            self._direction_broke(conn, src, dst, counter, exc)
         finally:
-            with self._lock:
-                conn.directions_done += 1
-                both_done = conn.directions_done == 2
-            if both_done:
-                src.close()
-                dst.close()
+            self._direction_done(conn, src, dst)
+
+    def _direction_broke(
+        self, conn: RelayedConnection, src: socket.socket, dst: socket.socket, counter: str, exc: OSError
+    ) -> None:
+        if not self._closing:
+            conn.errors.append(f"{counter}: {exc!r}")
+        # One direction broke: wake the other one too instead of waiting out its timeout.
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _direction_done(self, conn: RelayedConnection, src: socket.socket, dst: socket.socket) -> None:
+        with self._lock:
+            conn.directions_done += 1
+            both_done = conn.directions_done == 2
+        if both_done:
+            src.close()
+            dst.close()
 
     def finished(self) -> bool:
         """True when every connection has been relayed to EOF both ways."""
