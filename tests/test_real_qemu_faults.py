@@ -212,7 +212,9 @@ def test_channelReset(qemu_lab: QemuLab, tmp_path: Path, reset: str) -> None:
     assert "connection ended" in error and ("uncleanly" in error or "reset" in error or "lost" in error), error
     if reset == "main":
         assert "main channel" in error, error
-    assert "migration 2 from 127.0.0.1: failed after" in logOf(receiver)
+    # The manifest is written before the log line that reports the end.
+    poll_until(lambda: "migration 2 from 127.0.0.1: failed after" in logOf(receiver), WAIT,
+               "the failure to be logged", receiver.describe)
     thenComplete(receiver, address, migration, 3, before, baseline)
 
 
@@ -365,7 +367,9 @@ def test_sourceKilledMidMigration(qemu_lab: QemuLab, require_qemu: Callable[[str
     error = manifest["error"]
     assert re.search(r"(main channel|multifd channel \d) from 127\.0\.0\.1", error), error
     assert "connection ended" in error or "closed before reaching the sync point" in error, error
-    assert "migration 2 from 127.0.0.1: failed after" in logOf(receiver)
+    # The manifest is written before the log line that reports the end.
+    poll_until(lambda: "migration 2 from 127.0.0.1: failed after" in logOf(receiver), WAIT,
+               "the failure to be logged", receiver.describe)
     # Part of the RAM arrived, and it is what the source had.
     assertPartialImageIntact(captures(output)[2], manifest, qemu_lab.workdir / "big-ram.bin")
     assertNoLeakedFds(receiver, baseline)

@@ -16,6 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ._directread import DirectReader, canReadDirectly
 from ._errors import ConnectionClosed, MigrationError, ProtocolError
 from ._incremental import IncrementalParser, ParserGenerator
 from ._initpacket import INIT_PACKET_SIZE, MultiFDInitPacket, parseInitPacket
@@ -82,6 +83,23 @@ class _Channel(Protocol):
             self.migration.countBytes(len(data))
         self.parser.feed(data)
         self._process()
+
+    def directReceived(self, count: int) -> None:
+        """
+        C{count} bytes were received in place into the parser's buffer (see
+        L{DirectReader}).
+        """
+        if self.migration is not None:
+            self.migration.countBytes(count)
+        if self.parser.directFilled(count):
+            self._process()
+
+    @property
+    def reading(self) -> bool:
+        """
+        Whether the channel wants bytes now.
+        """
+        return not (self._paused or self._detached or self._finished or self._lost is not None)
 
     def connectionLost(self, reason: Failure) -> None:
         self._lost = reason
@@ -253,9 +271,13 @@ class MultiFDChannel(_Channel):
 
     def connectionMade(self) -> None:
         log.info("{label}: classified as multifd channel", label=self.label)
-        # Only a plain TCP transport has this knob; other transports (TLS,
-        # test transports) read as they do.
-        if isinstance(getattr(self.transport, "bufferSize", None), int):
+        if canReadDirectly(self.transport):
+            # Pages go from the socket straight into the parser's reused
+            # buffer, and from there to the sink.
+            DirectReader(self.transport, self).install()
+        elif isinstance(getattr(self.transport, "bufferSize", None), int):
+            # Other transports with this knob read as they do, but in larger
+            # reads; the rest (TLS, test transports) are left alone.
             setattr(self.transport, "bufferSize", MULTIFD_READ_SIZE)
 
     def _stream(self) -> ParserGenerator:

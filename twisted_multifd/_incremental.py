@@ -51,10 +51,26 @@ class _Boundary:
 RECORD_BOUNDARY = _Boundary()
 
 
+# Exact-size requests up to this size can be received in place (see
+# IncrementalParser.directBuffer); larger plain requests go through the queue,
+# so a hostile length field never makes us set aside memory before the bytes
+# have arrived.
+DIRECT_SMALL = 64 * 1024
+
+# The least size of the buffer that View requests are received into.
+VIEW_BUFFER = 512 * 1024
+
+
 class IncrementalParser:
     """
     @ivar consumed: how many bytes the parser has taken so far (useful for
         error messages that name a stream offset).
+
+    Bytes reach the parser in one of two ways, which may be mixed: L{feed}
+    queues chunks that were already received, while L{directBuffer} and
+    L{directFilled} let a reader receive the rest of the pending request in
+    place (C{recv_into}), with no intermediate C{bytes} and, for a L{View}
+    request, into one buffer reused from request to request.
     """
 
     def __init__(self, generator: ParserGenerator) -> None:
@@ -66,9 +82,90 @@ class IncrementalParser:
         self._done = False
         self._boundary = False
         self.consumed = 0
+        # The request being received in place, and how much of it has come.
+        self._direct: memoryview | None = None
+        self._filled = 0
+        self._viewBuffer = bytearray()
+        self._smallBuffer = bytearray()
+        # A request completed in place, not yet handed to the parser.
+        self._completed: Any = None
 
     def feed(self, data: bytes) -> None:
+        if self._direct is not None:
+            # Whatever was received in place comes first.
+            self._queue.append(bytes(self._direct[: self._filled]))
+            self._direct = None
+            self._filled = 0
         self._queue.append(data)
+
+    def directBuffer(self) -> memoryview | None:
+        """
+        Where to receive the next bytes in place: a writable view of the rest
+        of the pending exact-size request, or L{None} when that is not
+        possible (an event is waiting to be taken, the queue already holds the
+        whole request, the request is not for an exact size, or it is a plain
+        request larger than L{DIRECT_SMALL}); then use L{feed}.
+
+        After receiving C{n} bytes into it, call L{directFilled}. The bytes of
+        a L{View} request are handed to the parser as a read-only view of a
+        buffer that the next L{View} request reuses: like a view of a queued
+        chunk, it is only valid until the parser asks for more.
+        """
+        if self._direct is None:
+            request = self._request
+            if self._done or self._eventPending or self._completed is not None or not isinstance(request, int):
+                return None
+            queued = len(self._queue)
+            if queued >= request:
+                return None
+            if type(request) is View:
+                if len(self._viewBuffer) < request:
+                    # Sized for a whole multifd packet of 4 KiB pages at
+                    # least, so that it is not regrown packet after packet.
+                    self._viewBuffer = bytearray(max(request, VIEW_BUFFER))
+                target = memoryview(self._viewBuffer)[:request]
+            elif request <= DIRECT_SMALL:
+                if len(self._smallBuffer) < request:
+                    self._smallBuffer = bytearray(DIRECT_SMALL)
+                target = memoryview(self._smallBuffer)[:request]
+            else:
+                return None
+            if queued:
+                # Bytes received earlier (by the sniffer, say) come first.
+                target[:queued] = self._queue.takeAll()
+            self._direct = target
+            self._filled = queued
+        return self._direct[self._filled :]
+
+    def directFilled(self, count: int) -> bool:
+        """
+        C{count} bytes were received into the view L{directBuffer} returned.
+
+        @return: whether that completed the request (so that
+            L{nextEvent} may now have something).
+        """
+        assert self._direct is not None
+        self._filled += count
+        if self._filled < len(self._direct):
+            return False
+        received, request = self._direct, self._request
+        self._direct = None
+        self._filled = 0
+        # Handed to the parser by the next nextEvent, so that its errors are
+        # raised where they always are.
+        self._completed = received.toreadonly() if type(request) is View else bytes(received)
+        return True
+
+    def wanted(self) -> int:
+        """
+        How many more bytes the pending exact-size request needs beyond what
+        is held, or 0 if that is not known (the parser waits for the end of
+        the stream, or is not waiting for bytes at all).
+        """
+        request = self._request
+        if self._done or self._eventPending or self._completed is not None or not isinstance(request, int):
+            return 0
+        return max(0, request - len(self._queue) - self._filled)
 
     def end(self) -> None:
         """
@@ -81,7 +178,8 @@ class IncrementalParser:
         """
         Bytes received but not yet parsed.
         """
-        return len(self._queue)
+        completed = 0 if self._completed is None else len(self._completed)
+        return len(self._queue) + self._filled + completed
 
     @property
     def done(self) -> bool:
@@ -96,7 +194,7 @@ class IncrementalParser:
         True when no partial record is held: the parser is done, or waits for
         the first bytes of a new record with none buffered.
         """
-        return self._done or (self._boundary and not self._queue)
+        return self._done or (self._boundary and not self.buffered)
 
     def nextEvent(self) -> Any:
         """
@@ -105,6 +203,12 @@ class IncrementalParser:
         that the parser is finished.
         """
         while not self._done:
+            if self._completed is not None:
+                value, self._completed = self._completed, None
+                self._boundary = False
+                self.consumed += len(value)
+                self._advance(value)
+                continue
             if self._eventPending:
                 self._eventPending = False
                 self._advance(None)
