@@ -5,13 +5,19 @@ a `twisted-multifd receive --once` process, main channel last.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
+from typing import Any
 
 import pytest
 
@@ -190,3 +196,109 @@ def test_completeCaptureIsNeverOverwritten(tmp_path) -> None:
     assert result.returncode == 2
     assert "already holds a complete capture" in result.stderr
     assert (capture / "manifest.json").read_text() == '{"complete": true}'
+
+
+def _readTerminal(master: int, process: subprocess.Popen, until: Any, timeout: float = 30.0) -> bytes:
+    """
+    What the process wrote to its terminal, read until C{until(text)} holds
+    or the terminal closes.
+    """
+    output = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                return output
+            if not chunk:
+                return output
+            output += chunk
+            if until(output.decode("utf-8", "replace")):
+                return output
+    raise AssertionError(f"nothing like that on the terminal: {output!r}")
+
+
+def test_receiveDrawsAStatusLineOnATerminal(tmp_path) -> None:
+    """
+    With stderr on a terminal, `receive` redraws a status line (percent of
+    RAM, rate, ETA, channels) while a migration loads, and clears it: what
+    is left on the screen is the log lines, the last saying the capture is
+    complete.
+    """
+    from test_progress import Screen
+
+    migration = recorded("cap72-1")
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    addressFile = str(tmp_path / "address")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twisted_multifd", "receive", "--listen", "tcp:0:interface=127.0.0.1",
+         "--channels", "1", "--output", str(tmp_path / "capture"), "--once", "--address-file", addressFile],
+        stdout=subprocess.PIPE, stderr=slave, text=True,
+    )
+    os.close(slave)
+    try:
+        _, host, port = _waitForFile(addressFile, process).split(":")
+        main = socket.create_connection((host, int(port)))
+        channel = socket.create_connection((host, int(port)))
+        half = [len(stream) // 2 for stream in migration.streams]
+        main.sendall(migration.streams[0][: half[0]])
+        channel.sendall(migration.streams[1][: half[1]])
+        # Held until the status line shows the RAM percentage.
+        before = _readTerminal(master, process, lambda text: re.search(r"\d+% of [\d.]+ MiB", text))
+        main.sendall(migration.streams[0][half[0]:])
+        channel.sendall(migration.streams[1][half[1]:])
+        channel.close()
+        main.close()
+        after = _readTerminal(master, process, lambda text: False, timeout=60)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        os.close(master)
+    assert process.returncode == 0
+    text = (before + after).decode()
+    status = re.search(r"migration 1 from 127\.0\.0\.1: loading +\d+% of [\d.]+ MiB, [\d.]+ [KM]iB received,"
+                       r" [^,]+/s, ETA [^,]+, 2/2 channels", text)
+    assert status, text
+    assert "\x1b[J" in text
+    screen = Screen()
+    screen.feed(text)
+    rows = [row for row in screen.rows if row]
+    assert rows[-1].startswith("twisted-multifd: migration 1 from 127.0.0.1: complete"), rows
+    assert not [row for row in rows if "% of" in row], rows  # no status line left, none mixed into a log line
+    assert all(row.startswith("twisted-multifd: ") for row in rows), rows
+    assert not [row for row in rows if "pages of" in row]  # no progress log lines either
+
+
+def test_progressLogOnATerminal(tmp_path) -> None:
+    """
+    --progress log keeps the log lines even on a terminal: no escape codes.
+    """
+    master, slave = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twisted_multifd", "receive", "--listen", "tcp:0:interface=127.0.0.1",
+         "--output", str(tmp_path / "capture"), "--progress", "log", "--address-file", str(tmp_path / "a")],
+        stdout=subprocess.PIPE, stderr=slave,
+    )
+    os.close(slave)
+    try:
+        _waitForFile(str(tmp_path / "a"), process)
+        text = _readTerminal(master, process, lambda text: "listening on" in text).decode()
+        process.send_signal(signal.SIGTERM)
+        text += _readTerminal(master, process, lambda text: False).decode()
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        os.close(master)
+    assert "listening on" in text and "\x1b" not in text
+
+
+def test_badProgressMode() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "twisted_multifd", "receive", "--progress", "fancy"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--progress must be auto, tty, log, off; not 'fancy'" in result.stderr

@@ -25,7 +25,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, endpoints
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from captures import recorded
 
@@ -276,6 +276,117 @@ def test_limitsAreChecked() -> None:
         MigrationReceiverFactory(RecordingSinkFactory(), channels=4, maxWaitingChannels=4, clock=Clock())
     with pytest.raises(ValueError):
         MigrationReceiverFactory(RecordingSinkFactory(), maxMigrations=0, clock=Clock())
+
+
+class FailingThenRecordingSinks(RecordingSinkFactory):
+    """
+    A sink factory that cannot store the first C{failures} migrations (as a
+    read-only output folder), then records.
+    """
+
+    def __init__(self, failures: int = 1) -> None:
+        super().__init__()
+        self.failures = failures
+        self.asked: list[int] = []
+
+    def __call__(self, info: Any) -> Any:
+        self.asked.append(info.number)
+        if len(self.asked) <= self.failures:
+            from twisted_multifd._errors import MigrationError
+
+            raise MigrationError("capture out/1: writing the capture folder failed: Read-only file system")
+        return super().__call__(info)
+
+
+def _sinkFailureFactory(failures: int = 1, channels: int = 2) -> tuple[MigrationReceiverFactory,
+                                                                       FailingThenRecordingSinks, list, Clock]:
+    clock = Clock()
+    sinks = FailingThenRecordingSinks(failures)
+    results: list = []
+    factory = MigrationReceiverFactory(sinks, channels=channels, clock=clock, onMigrationEnded=results.append,
+                                       channelTimeout=CHANNEL_TIMEOUT, sniffTimeout=SNIFF_TIMEOUT)
+    return factory, sinks, results, clock
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 1, 2, 0], [2, 0, 3, 1]])
+def test_unstorableMigrationIsRefusedOnceUnderOneNumber(order: list[int]) -> None:
+    """
+    No sink for a migration (a read-only output folder): every channel of it
+    is refused under the number its first channel got, with one error saying
+    why and one result; the next migration from the host (the same VM
+    again, so the same uuid) is stored.
+    """
+    factory, sinks, results, clock = _sinkFailureFactory(channels=3)
+    migration = synthesizeMigration(seed=4, channels=3)
+    with capturedLogs() as events:
+        failed = MigrationPump(factory, migration, order=order, host="192.0.2.60", clock=clock)
+        pumpAll(failed)
+    lines = logged(events)
+    assert sinks.asked == [1]
+    assert [(r.info.number, r.complete) for r in results] == [(1, False)]
+    assert results[0].error == ("cannot store migration 1 from 192.0.2.60: capture out/1: writing the"
+                                " capture folder failed: Read-only file system")
+    [error] = [line for line in lines if "cannot store" in line]
+    assert error.endswith(": " + results[0].error)  # the channel's label, then why
+    refusals = [e for e in events if "refused" in formatEvent(e)]
+    assert len(refusals) == 3, lines
+    assert all(formatEvent(e).endswith(": refused: it belongs to migration 1 from 192.0.2.60, which could not"
+                                       " be stored (see above)") for e in refusals), lines
+    # Only news after the error: multifd channels say so at info level. (A main
+    # channel's refusal is logged by the channel itself, as an error.)
+    assert {e["log_level"] for e in refusals if "multifd" in formatEvent(e)} == {LogLevel.info}
+    assert all(connection.closed for connection in failed.connections)
+    assert factory.migrations == [] and factory._refusedAssemblies == {}
+    again = MigrationPump(factory, migration, order=order, host="192.0.2.60", clock=clock)
+    pumpAll(again)
+    assert [(r.info.number, r.complete, r.error) for r in results[1:]] == [(2, True, None)]
+    assert sinks.sinks[0].memory() == migration.memory
+
+
+def test_unstorableMigrationDoesNotHoldBackTheNextOne() -> None:
+    """
+    Only some channels of the refused migration came (its source gave up):
+    the next migration from the host is not taken for the rest of it. Its
+    channel 0, seen already, starts a new migration; after the channel
+    timeout, anything does.
+    """
+    factory, sinks, results, clock = _sinkFailureFactory()
+    migration = synthesizeMigration(seed=6)
+    with capturedLogs() as events:
+        pumpAll(MigrationPump(factory, [migration.streams[1]], host="192.0.2.61", clock=clock))
+    assert [r.info.number for r in results] == [1]
+    assert factory._refusedAssemblies["192.0.2.61"].multifd == {0}
+    # The retry connects channel 0 first, as QEMU 9+ (multifd channels, then main).
+    retry = MigrationPump(factory, migration, order=[1, 2, 0], host="192.0.2.61", clock=clock)
+    pumpAll(retry)
+    assert [(r.info.number, r.complete) for r in results] == [(1, False), (2, True)]
+    assert sinks.sinks[0].memory() == migration.memory
+    assert not [line for line in logged(events) if "refused" in line]
+
+    # Refused again with only channel 1 in; a main channel first (7.2 order) would be
+    # taken for the refused one's, until the channel timeout.
+    factory, sinks, results, clock = _sinkFailureFactory()
+    pumpAll(MigrationPump(factory, [migration.streams[2]], host="192.0.2.61", clock=clock))
+    clock.advance(CHANNEL_TIMEOUT)
+    retry = MigrationPump(factory, migration, host="192.0.2.61", clock=clock)
+    pumpAll(retry)
+    assert [(r.info.number, r.complete) for r in results] == [(1, False), (2, True)]
+    assert sinks.sinks[0].memory() == migration.memory
+
+
+def test_unstorableMigrationLeavesOtherHostsAlone() -> None:
+    """
+    The refusal is the host's: another host's migration, assembling at the
+    same time, completes.
+    """
+    factory, sinks, results, clock = _sinkFailureFactory()
+    bad, good = synthesizeMigration(seed=7), synthesizeMigration(seed=8)
+    a = MigrationPump(factory, bad, order=[1, 0, 2], host="192.0.2.62", clock=clock)
+    b = MigrationPump(factory, good, order=[2, 0, 1], host="192.0.2.63", clock=clock)
+    pumpAll(a, b)
+    assert sorted((r.info.peer, r.info.number, r.complete) for r in results) == [
+        ("192.0.2.62", 1, False), ("192.0.2.63", 2, True)]
+    assert sinks.sinks[0].memory() == good.memory
 
 
 def test_thousandIdleConnectionsDoNotStopAMigration() -> None:

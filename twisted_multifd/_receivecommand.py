@@ -14,6 +14,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from ._compression import SUPPORTED_COMPRESSION
+from ._progress import PROGRESS_PARAMETER, checkProgressMode, resolveProgressMode
 from ._options import DEFAULT_LISTEN, TLS_PARAMETERS, checkTLSOptions, channelCount, positiveFloat
 from ._records import MigrationResult
 from ._capture import captureIsComplete
@@ -56,7 +57,8 @@ class ReceiveOptions(usage.Options):
         ["max-waiting-channels", None, 256,
          "Connections waiting for the other channels of their migration, over all migrations; one"
          " more is refused.", positiveInt],
-        ["progress-interval", None, 10.0, "Seconds between progress log lines.", positiveFloat],
+        PROGRESS_PARAMETER,
+        ["progress-interval", None, 10.0, "Seconds between progress log lines (--progress log).", positiveFloat],
         ["address-file", None, None,
          "Once listening, write the address (tcp:HOST:PORT or unix:PATH) to this file."],
         *TLS_PARAMETERS,
@@ -76,6 +78,10 @@ class ReceiveOptions(usage.Options):
 
     def postOptions(self) -> None:
         checkTLSOptions(self)
+        try:
+            checkProgressMode(self["progress"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if self["max-waiting-channels"] < self["channels"] + 1:
             raise usage.UsageError(
                 f"--max-waiting-channels must be at least --channels + 1 ({self['channels'] + 1})")
@@ -94,13 +100,14 @@ class ReceiveOptions(usage.Options):
             raise usage.UsageError(f"--page-size must be a power of two of at least 1024, not {size}")
 
 
-def _listeningService(options: "ReceiveOptions", reactor: Any, ended: Any) -> ListeningService:
+def _listeningService(options: "ReceiveOptions", reactor: Any, ended: Any, *, underTwistd: bool = False) -> ListeningService:
     return ListeningService(
         serverFromString(reactor, options["listen"]), makeReceiverFactory(options, reactor, ended),
         addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
         description=f"receiving migrations with {options['channels']} multifd channels", role="receiver",
         tls=getattr(options, "tls", None),
         statusEndpoint=None if options["status"] is None else serverFromString(reactor, options["status"]),
+        progress=resolveProgressMode(options["progress"], sys.stderr, underTwistd),
     )
 
 
@@ -116,7 +123,8 @@ async def runReceive(reactor: Any, options: "ReceiveOptions") -> int:
         if first is not None and not first.called and result.info.number == 1:
             first.callback(result)
 
-    result = await runListening(reactor, _listeningService(options, reactor, ended), options["listen"], first)
+    result = await runListening(reactor, _listeningService(options, reactor, ended, underTwistd=False),
+                                options["listen"], first)
     if result is None:
         return 2
     return 0 if result.complete else 1
@@ -131,4 +139,4 @@ def makeReceiveService(options: "ReceiveOptions", reactor: Any) -> IService:
         if options["once"] and result.info.number == 1:
             reactor.callLater(0, reactor.stop)
 
-    return asTwistdService(_listeningService(options, reactor, ended), reactor, options["listen"])
+    return asTwistdService(_listeningService(options, reactor, ended, underTwistd=True), reactor, options["listen"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any, Callable
 from weakref import WeakSet
 
+import attrs
+
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -47,6 +49,21 @@ class RefusedConnection(MigrationError):
     """
 
 
+@attrs.define
+class _RefusedAssembly:
+    """
+    A migration refused as its first channel arrived (no sink could be made
+    for it): the channels of it seen so far, so that the rest of its channels
+    are refused under its number rather than each starting a migration.
+    """
+
+    number: int
+    until: float
+    uuid: bytes | None = None
+    main: bool = False
+    multifd: set[int] = attrs.field(factory=set)
+
+
 def _uuidText(uuid: bytes | None) -> str:
     return "none yet" if uuid is None else uuid.hex()
 
@@ -69,6 +86,15 @@ class MigrationReceiverFactory(ServerFactory):
     new connection from that host for C{channelTimeout} seconds (their late
     channels could otherwise join a wrong migration). Migrations already
     loading are never touched.
+
+    A migration whose sink cannot be made (C{sinkFactory} raised: a read-only
+    output folder, say) is refused with one error when its first channel
+    arrives; its other channels, arriving while nothing else assembles from
+    that host, are refused under the same migration number (a main channel if
+    none came yet, multifd channels of its uuid and of ids not seen yet). A
+    channel that cannot be one of them (a second main channel, a channel id
+    seen already), or any channel once all of them came or C{channelTimeout}
+    seconds passed, starts a new migration as usual.
 
     @param sinkFactory: called with a L{MigrationInfo} for each new migration;
         returns its L{IMigrationSink} (for instance a L{CaptureWriter}).
@@ -137,6 +163,10 @@ class MigrationReceiverFactory(ServerFactory):
         # Hosts refused until this time (see the class docstring).
         self._refusedUntil: dict[str, float] = {}
         self._refusedChannels: WeakSet[Any] = WeakSet()
+        # Per source host, the migration refused for want of a sink whose
+        # other channels may still arrive (see the class docstring).
+        self._refusedAssemblies: dict[str, _RefusedAssembly] = {}
+        self._followingRefusal: WeakSet[Any] = WeakSet()
         self._count = 0
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
@@ -202,9 +232,48 @@ class MigrationReceiverFactory(ServerFactory):
         for migration in list(self._assembling.get(host, ())):
             migration.fail(error)
 
+    def _joinsRefusedAssembly(self, channel: Any, host: str, init: MultiFDInitPacket | None) -> None:
+        """
+        Refuse C{channel} (raise) if it is one of the channels still to come
+        of the migration from C{host} refused for want of a sink.
+        """
+        record = self._refusedAssemblies.get(host)
+        if record is None:
+            return
+        if self.clock.seconds() >= record.until:
+            del self._refusedAssemblies[host]
+            return
+        if self._assembling.get(host):
+            return  # a migration assembles from the host: the usual pairing decides
+        if init is None:
+            if record.main:
+                del self._refusedAssemblies[host]  # a second main channel: a new migration
+                return
+            record.main = True
+        else:
+            if record.uuid is not None and init.uuid != record.uuid:
+                return
+            if init.channelID in record.multifd:
+                del self._refusedAssemblies[host]  # a channel id seen already: a new migration
+                return
+            if init.channelID >= self.channels:
+                return  # not a channel of any migration here: refused as usual
+            record.uuid = init.uuid
+            record.multifd.add(init.channelID)
+        if record.main and len(record.multifd) == self.channels:
+            del self._refusedAssemblies[host]  # all of them came
+        # The error was logged with the first channel; this one is only news.
+        self._followingRefusal.add(channel)
+        raise self._refuse(channel, f"it belongs to migration {record.number} from {host}, which could not"
+                                    " be stored (see above)")
+
     # Channels arriving
 
-    def _newMigration(self, host: str) -> Migration:
+    def _newMigration(self, host: str, channel: Any, init: MultiFDInitPacket | None = None) -> Migration:
+        """
+        @param channel: the channel starting it; C{init} its initial packet
+            if it is a multifd channel.
+        """
         self._count += 1
         info = MigrationInfo(self._count, host, self.channels, self.clock.seconds())
         try:
@@ -213,6 +282,14 @@ class MigrationReceiverFactory(ServerFactory):
             if not isinstance(e, MigrationError):
                 log.failure("cannot store migration {n} from {host}", n=info.number, host=host)
             error = MigrationError(f"cannot store migration {info.number} from {host}: {e}")
+            if self.channels:
+                self._refusedAssemblies[host] = _RefusedAssembly(
+                    info.number, self.clock.seconds() + self.channelTimeout,
+                    uuid=None if init is None else init.uuid, main=init is None,
+                    multifd=set() if init is None else {init.channelID},
+                )
+            # Logged once, by the channel; not a stray that ends another migration.
+            self._refusedChannels.add(channel)
             if self.onMigrationEnded is not None:
                 self.onMigrationEnded(_refused(info, self.pageSize, str(error)))
             raise error
@@ -231,9 +308,10 @@ class MigrationReceiverFactory(ServerFactory):
         if self.channels == 0:
             # Plain migrations: each main channel is a whole migration.
             self._checkLimits(channel, newMigration=True)
-            migration = self._newMigration(host)
+            migration = self._newMigration(host, channel)
         else:
             self._checkHost(channel, host)
+            self._joinsRefusedAssembly(channel, host, None)
             assembling = self._assembling.get(host, [])
             if len(assembling) == 1 and assembling[0].main is None:
                 migration = assembling[0]
@@ -241,7 +319,7 @@ class MigrationReceiverFactory(ServerFactory):
                                   completes=len(migration.multifd) == self.channels)
             elif not assembling:
                 self._checkLimits(channel, newMigration=True)
-                migration = self._newMigration(host)
+                migration = self._newMigration(host, channel)
             else:
                 error = RefusedConnection(
                     f"main channel from {describePeer(channel.peer)}, while "
@@ -265,6 +343,7 @@ class MigrationReceiverFactory(ServerFactory):
         assembling = self._assembling.get(host, [])
         migration = next((m for m in assembling if m.uuid == init.uuid), None)
         if migration is None:
+            self._joinsRefusedAssembly(channel, host, init)
             running = next((m for m in self.migrations if m.info.peer == host and m.uuid == init.uuid
                             and not m.ended and m not in assembling), None)
             if running is not None:
@@ -293,7 +372,7 @@ class MigrationReceiverFactory(ServerFactory):
                 raise error
             else:
                 self._checkLimits(channel, newMigration=True)
-                migration = self._newMigration(host)
+                migration = self._newMigration(host, channel, init)
         else:
             self._checkLimits(channel, newMigration=False, completes=migration.main is not None
                               and len(migration.multifd) + 1 == self.channels)
@@ -334,6 +413,9 @@ class MigrationReceiverFactory(ServerFactory):
         A multifd connection ended before its initial packet: the migration
         assembling from that host (if only one is) can no longer complete.
         """
+        if channel in self._followingRefusal:
+            log.info("{error}", error=str(error))
+            return
         if channel in self._refusedChannels:
             log.error("{error}", error=str(error))
             return

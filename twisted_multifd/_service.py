@@ -20,6 +20,7 @@ from twisted.python import usage
 from ._capture import CaptureWriter
 from ._errors import MigrationError
 from ._options import MultifdOptions as Options
+from ._progress import TerminalProgress
 from ._receiver import MigrationReceiverFactory
 from ._records import MigrationInfo, MigrationResult
 
@@ -101,8 +102,9 @@ def writeAddressFile(path: str | None, address: Any) -> None:
 class ListeningService(Service):
     """
     Listens with a receiver or relay factory, announces the address (a log
-    line, and the address file if asked), logs each migration's progress, and
-    on stop ends the migrations in progress as failed, so that each says so.
+    line, and the address file if asked), shows each migration's progress
+    (log lines or status lines on a terminal), and on stop ends the
+    migrations in progress as failed, so that each says so.
 
     @param factory: has C{migrations}, each with C{progressLine()} and
         C{fail(error)}.
@@ -113,12 +115,22 @@ class ListeningService(Service):
     @param statusEndpoint: where to serve C{/status} and C{/metrics} over
         HTTP (docs/status.md), or L{None}; C{factory} must then be a receiver
         factory (its migrations have C{status()}).
+    @param progress: C{"log"} (a C{progressLine()} per migration every
+        C{progressInterval} seconds), C{"tty"} (L{TerminalProgress}: a status
+        line per migration redrawn on C{progressStream}) or C{"off"}; see
+        L{resolveProgressMode} for C{--progress auto}.
+    @param progressStream: the terminal for C{"tty"}; by default
+        C{sys.stderr}, which is then replaced, while the service runs, by a
+        stream that clears the status lines before anything (a log line) is
+        written.
     @ivar whenListening: fires with the listening port, or fails.
     """
 
     def __init__(self, endpoint: Any, factory: Any, *, addressFile: str | None, progressInterval: float,
                  clock: Any, description: str, role: str, tls: Any = None,
-                 statusEndpoint: Any = None) -> None:
+                 statusEndpoint: Any = None, progress: str = "log", progressStream: Any = None) -> None:
+        if progress not in ("tty", "log", "off"):
+            raise ValueError(f"progress must be tty, log or off, not {progress!r}")
         self.endpoint = endpoint
         self.tls = tls
         self.statusEndpoint = statusEndpoint
@@ -134,13 +146,43 @@ class ListeningService(Service):
         self.role = role
         self.whenListening: Deferred[Any] = Deferred()
         self._interval = progressInterval
-        self._progress = LoopingCall(self._report)
-        self._progress.clock = clock
+        self.clock = clock
+        self._logProgress = LoopingCall(self._report)
+        self._logProgress.clock = clock
+        self.progressMode = progress
+        self._progressStream = progressStream
+        self.terminal: TerminalProgress | None = None
+        self._replacedStderr: Any = None
         self._port: Any = None
 
     def _report(self) -> None:
         for migration in self.factory.migrations:
             log.info("{line}", line=migration.progressLine())
+
+    def _startProgress(self) -> None:
+        if self.progressMode == "log":
+            self._logProgress.start(self._interval, now=False)
+        elif self.progressMode == "tty":
+            stream = self._progressStream
+            if stream is None:
+                stream = sys.stderr
+            self.terminal = TerminalProgress(lambda: self.factory.migrations, self.clock, stream)
+            if self._progressStream is None:
+                # Log lines (and any other error line) go through it, and so
+                # clear the status lines first.
+                self._replacedStderr, sys.stderr = sys.stderr, self.terminal.lines
+            self.terminal.start()
+
+    def _stopProgress(self) -> None:
+        if self._logProgress.running:
+            self._logProgress.stop()
+        if self.terminal is not None:
+            terminal, self.terminal = self.terminal, None
+            terminal.stop()
+            if self._replacedStderr is not None:
+                if sys.stderr is terminal.lines:
+                    sys.stderr = self._replacedStderr
+                self._replacedStderr = None
 
     def startService(self) -> None:
         super().startService()
@@ -148,7 +190,7 @@ class ListeningService(Service):
         if self.tls is not None:
             from ._tls import tlsServerFactory
 
-            factory = tlsServerFactory(self.tls, factory, self._progress.clock)
+            factory = tlsServerFactory(self.tls, factory, self.clock)
         d = self.endpoint.listen(factory)
 
         def listening(port: Any) -> Any:
@@ -157,7 +199,7 @@ class ListeningService(Service):
             writeAddressFile(self.addressFile, address)
             log.info("listening on {address}{tls}; {description}", address=describeAddress(address),
                      tls=" with TLS" if self.tls is not None else "", description=self.description)
-            self._progress.start(self._interval, now=False)
+            self._startProgress()
             return port
 
         d.addCallback(listening)
@@ -173,8 +215,7 @@ class ListeningService(Service):
         except Exception as e:
             await maybeDeferred(port.stopListening)
             self._port = None
-            if self._progress.running:
-                self._progress.stop()
+            self._stopProgress()
             raise RuntimeError(f"cannot serve the status page: {e}") from e
         address = self.statusPort.getHost()
         log.info("status on http://{host}:{port}/status and /metrics", host=getattr(address, "host", "?"),
@@ -189,8 +230,7 @@ class ListeningService(Service):
         if self.statusPort is not None:
             statusPort, self.statusPort = self.statusPort, None
             stopping.append(maybeDeferred(statusPort.stopListening))
-        if self._progress.running:
-            self._progress.stop()
+        self._stopProgress()
         for migration in list(self.factory.migrations):
             migration.fail(MigrationError(f"the {self.role} was stopped", connection=migration.label))
         if self._port is not None:
