@@ -162,7 +162,10 @@ class _Channel(Protocol):
         if self.migration is not None:
             self.migration.fail(error)
         else:
-            log.error("{error}", error=str(error))
+            if self.receiver.isFollowingRefusal(self):
+                log.info("{error}", error=str(error))
+            else:
+                log.error("{error}", error=str(error))
             self._detached = True
             if self._lost is None:
                 self.transport.abortConnection()

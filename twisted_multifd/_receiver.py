@@ -267,6 +267,13 @@ class MigrationReceiverFactory(ServerFactory):
         raise self._refuse(channel, f"it belongs to migration {record.number} from {host}, which could not"
                                     " be stored (see above)")
 
+    def isFollowingRefusal(self, channel: Any) -> bool:
+        """
+        Whether C{channel} was refused as one more channel of a migration
+        whose refusal was already logged (so its own is only news).
+        """
+        return channel in self._followingRefusal
+
     # Channels arriving
 
     def _newMigration(self, host: str, channel: Any, init: MultiFDInitPacket | None = None) -> Migration:
