@@ -523,6 +523,8 @@ class PageWindow:
     @ivar normalOffsets: block offsets of the pages that are not all zero.
     @ivar zeroOffsets: block offsets of the zero pages (also those never sent).
     @ivar data: the normal pages back to back.
+    @ivar image: when C{data} is the image's bytes from C{start} on (no zero
+        page in the window), the image, open; see L{OpenImage}.
     """
 
     start: int
@@ -530,6 +532,26 @@ class PageWindow:
     normalOffsets: tuple[int, ...]
     zeroOffsets: tuple[int, ...]
     data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    image: OpenImage | None = attrs.field(default=None, eq=False, repr=False)
+
+
+class OpenImage:
+    """
+    A RAM image open for reading while L{readPageWindows} goes over it.
+
+    A window whose C{data} is the image's bytes from its C{start} on, as
+    they are in the file, names it: a socket can then be given those bytes
+    straight from the file (C{os.sendfile}) instead of from C{data}, for as
+    long as the image is open (C{fd} is -1 once the reader is done).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def readPageWindows(block: CaptureBlock, pageSize: int, windowPages: int) -> Iterator[PageWindow]:
@@ -537,7 +559,8 @@ def readPageWindows(block: CaptureBlock, pageSize: int, windowPages: int) -> Ite
     The pages of C{block}'s image, C{windowPages} at a time from offset 0
     (the last window may be shorter). Only one window is held in memory;
     holes in the image (pages never written: zero, or never sent) are found
-    with C{SEEK_DATA} and not read at all.
+    with C{SEEK_DATA} and not read at all. A window without zero pages names
+    the image (L{PageWindow.image}), open until the reader is done.
 
     @raise CaptureError: the image is shorter than the block, or unreadable.
     """
@@ -549,6 +572,7 @@ def readPageWindows(block: CaptureBlock, pageSize: int, windowPages: int) -> Ite
         fd = os.open(block.path, os.O_RDONLY)
     except OSError as e:
         raise CaptureError(block.path, [f"the image of RAM block {block.name!r} cannot be opened: {e.strerror}"])
+    image = OpenImage(fd)
     try:
         # First byte of data at or after the last position asked for: no
         # data lies between the two. None: SEEK_DATA is not available.
@@ -571,23 +595,29 @@ def readPageWindows(block: CaptureBlock, pageSize: int, windowPages: int) -> Ite
                 ])
             if data == zeroWindow[: len(data)]:
                 yield PageWindow(position, count, (), tuple(range(position, end, pageSize)), b"")
+            elif 0 not in data[::pageSize]:
+                # Every page starts with a non-zero byte (the usual case for
+                # pages with data): none is a zero page, and the window is
+                # sent as read, without a Python step per page.
+                yield PageWindow(position, count, tuple(range(position, end, pageSize)), (), data, image)
             else:
                 view = memoryview(data)
                 normal: list[int] = []
                 zero: list[int] = []
                 for i in range(count):
-                    if view[i * pageSize : (i + 1) * pageSize] == zeroPage:
+                    # startswith compares in place (memcmp), without a copy.
+                    if data.startswith(zeroPage, i * pageSize):
                         zero.append(position + i * pageSize)
                     else:
                         normal.append(position + i * pageSize)
                 if not zero:
-                    payload = data
+                    yield PageWindow(position, count, tuple(normal), (), data, image)
                 else:
                     payload = b"".join(view[o - position : o - position + pageSize] for o in normal)
-                yield PageWindow(position, count, tuple(normal), tuple(zero), payload)
+                    yield PageWindow(position, count, tuple(normal), tuple(zero), payload)
             position = end
     finally:
-        os.close(fd)
+        image.close()
 
 
 def _seekData(fd: int, position: int) -> int | None:

@@ -9,7 +9,10 @@ time and yields what goes on the main channel, the multifd packets, and the
 sync barriers. L{sendCapture} connects the channels and writes those actions
 as the transports take them: every connection has a streaming producer, and
 nothing more is read from the capture while the connection it would go to is
-paused, so the image is never held in memory.
+paused, so the image is never held in memory. On plain TCP and UNIX sockets
+the bytes go straight to the socket while its transport holds nothing (a
+window of data pages from the image file with C{os.sendfile}), and only what
+the socket does not take is left to the transport (L{_Connection.write}).
 
 What is sent (docs/send.md has the details):
 
@@ -37,10 +40,12 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Generator, Iterator
 from typing import Any
 
 import attrs
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.error import ConnectionDone
@@ -57,7 +62,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._capturereader import Capture, CaptureError, loadCapture, readPageWindows
+from ._capturereader import (
+    Capture,
+    CaptureError,
+    OpenImage,
+    loadCapture,
+    readPageWindows,
+)
 from ._compression import (
     COMPRESSION_VALUES,
     SUPPORTED_COMPRESSION,
@@ -104,6 +115,9 @@ MAIN_BATCH = 256 * 1024
 # Bytes written in one go before the reactor gets a turn, even if no
 # transport asks us to pause.
 PUMP_BUDGET = 8 * 1024 * 1024
+# The most a transport we write to directly sends in one call: more than a
+# socket's buffer holds, so what is left of a packet goes in one send.
+DIRECT_SEND_LIMIT = 8 * 1024 * 1024
 
 # Capabilities of the configuration section a capture cannot be sent with.
 _UNSENDABLE_CAPABILITIES = {
@@ -304,6 +318,9 @@ class PagePacket:
     normalOffsets: tuple[int, ...]
     zeroOffsets: tuple[int, ...]
     data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    # The image C{data} was read from, from the first page on, while it is
+    # open: see L{OpenImage}.
+    image: OpenImage | None = attrs.field(default=None, eq=False, repr=False)
 
 
 class _Sync:
@@ -375,6 +392,13 @@ def _pages(capture: Capture, conventions: SendConventions) -> Iterator[Action]:
                 # As QEMU 9.0+ does: every page of the window in one packet,
                 # the zero ones in its zero list.
                 yield PagePacket(name, window.normalOffsets, window.zeroOffsets, window.data)
+                continue
+            if channels and not pending and not window.zeroOffsets and len(window.normalOffsets) == perPacket:
+                # A window of data pages is exactly one packet: send it as
+                # read, without slicing and joining its pages again. (With
+                # pages pending from an earlier window, packets go on
+                # filling across windows below, as QEMU fills them.)
+                yield PagePacket(name, window.normalOffsets, (), window.data, window.image)
                 continue
             view = memoryview(window.data)
             if not channels:
@@ -456,6 +480,8 @@ class _Connection(Protocol):
         self.readClosed = False
         self.lost: Failure | None = None
         self.bytesWritten = 0
+        self.socket: socket.socket | None = None
+        self._moreFlag = 0
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
@@ -463,11 +489,82 @@ class _Connection(Protocol):
             setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
             if setNoDelay is not None:
                 setNoDelay(True)  # as QEMU's multifd sockets
+        transport = self.transport
+        self.socket = _directSocket(transport)
+        if self.socket is not None:
+            assert isinstance(transport, FileDescriptor)
+            self._moreFlag = socket.MSG_MORE if self.socket.family in (socket.AF_INET, socket.AF_INET6) else 0
+            # Any byte left in the transport's buffer pauses us, and only an
+            # empty buffer resumes us: so while we are not paused, nothing
+            # is queued ahead of a direct write and the order holds.
+            transport.bufferSize = 0
+            # What the socket did not take goes out in one send, not in
+            # 128 KiB pieces, one reactor turn each.
+            transport.SEND_LIMIT = DIRECT_SEND_LIMIT
         self.sender.connectionMade(self)
 
-    def write(self, data: bytes) -> None:
-        self.bytesWritten += len(data)
-        self.transport.write(data)
+    def write(self, *parts: bytes | memoryview, fileRange: tuple[int, int] | None = None) -> None:
+        """
+        Write C{parts} in order.
+
+        On a plain socket whose transport holds nothing, they go straight to
+        the kernel, from the buffers as they are (a page packet's header and
+        the pages as read: no copy in Python); only what the socket does not
+        take is copied, into the transport, which then pauses us until it
+        has written it. Otherwise (paused, or a transport without a socket
+        of its own) everything goes through the transport.
+
+        C{fileRange} (fd, offset) says the last part is also in that file
+        from that offset on: it is then sent from the file with
+        C{os.sendfile}, which gives the kernel the page cache's pages
+        instead of copying them into the socket. The part itself, as read
+        (and checked for zero pages) before, still backs anything the
+        socket does not take.
+        """
+        size = sum(len(part) for part in parts)
+        self.bytesWritten += size
+        taken = 0
+        if self.socket is not None and not self.paused and self.lost is None and not self.closing:
+            try:
+                if fileRange is None:
+                    taken = self.socket.sendmsg(parts)
+                else:
+                    taken = self._sendWithFile(parts, fileRange)
+            except BlockingIOError:
+                pass
+            except OSError:
+                # Broken: the transport's own write meets the same error and
+                # loses the connection with its reason.
+                pass
+        if taken == size:
+            return
+        if taken:
+            parts = _after(parts, taken)
+        self.transport.write(parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts))
+
+    def _sendWithFile(self, parts: tuple[bytes | memoryview, ...], fileRange: tuple[int, int]) -> int:
+        """
+        Send all but the last of C{parts} with C{sendmsg}, then the last
+        from the file; how many bytes the socket took.
+        """
+        assert self.socket is not None
+        head = parts[:-1]
+        headSize = sum(len(part) for part in head)
+        # MSG_MORE: the header waits for the pages, as one segment (multifd
+        # sockets have TCP_NODELAY).
+        taken = self.socket.sendmsg(head, (), self._moreFlag) if head else 0
+        if taken < headSize:
+            return taken
+        fd, offset = fileRange
+        count = len(parts[-1])
+        try:
+            sent = os.sendfile(self.socket.fileno(), fd, offset, count)
+        except OSError:
+            # Full (EAGAIN), or broken: the part goes to the transport, whose
+            # own write then meets any error. A short count (the file shrank
+            # since it was read) is made up from the part too.
+            sent = 0
+        return taken + sent
 
     def dataReceived(self, data: bytes) -> None:
         self.sender.unexpectedData(self, data)
@@ -507,6 +604,32 @@ class _Connection(Protocol):
     def abort(self) -> None:
         if self.lost is None and self.transport is not None:
             self.transport.abortConnection()
+
+
+def _directSocket(transport: Any) -> socket.socket | None:
+    """
+    The socket of a plain TCP or UNIX connection made by a reactor's own
+    file-descriptor transport, which C{_Connection.write} may write to
+    directly; L{None} for anything else (TLS, in-memory test transports).
+    """
+    if not isinstance(transport, FileDescriptor):
+        return None
+    getHandle = getattr(transport, "getHandle", None)
+    handle = getHandle() if getHandle is not None else None
+    if not isinstance(handle, socket.socket) or handle.type != socket.SOCK_STREAM:
+        return None
+    return handle
+
+
+def _after(parts: tuple[bytes | memoryview, ...], taken: int) -> tuple[bytes | memoryview, ...]:
+    """
+    What is left of C{parts} once their first C{taken} bytes are written.
+    """
+    for i, part in enumerate(parts):
+        if taken < len(part):
+            return (memoryview(part)[taken:], *parts[i + 1 :])
+        taken -= len(part)
+    return ()
 
 
 CONNECTING, SENDING, CLOSING, DONE, FAILED = "connecting", "sending", "closing", "done", "failed"
@@ -692,17 +815,22 @@ class _Sender:
         payload = action.data
         assert channel.channelID is not None
         compressor = self._compressors[channel.channelID]
+        fileRange: tuple[int, int] | None = None
         if compressor is not None and payload:
             payload = compressor.compress(payload)
-        packet = buildRamPacket(
+        elif action.image is not None and action.image.fd >= 0:
+            fileRange = (action.image.fd, action.normalOffsets[0])
+        # The header and offsets, then the payload as its own buffer (or
+        # straight from the image): the pages are not copied into one packet.
+        header = buildRamPacket(
             pageSize=self._pageSize, flags=self._flags, packetNum=self._nextPacketNum(),
             block=action.block, normalOffsets=action.normalOffsets, zeroOffsets=action.zeroOffsets,
-            payload=payload,
+            nextPacketSize=len(payload),
         )
-        channel.write(packet)
+        channel.write(header, payload, fileRange=fileRange)
         self._packets += 1
         self._countPages(len(action.normalOffsets) + len(action.zeroOffsets), len(action.normalOffsets))
-        return len(packet)
+        return len(header) + len(payload)
 
     def _idleChannel(self) -> _Connection | None:
         """
