@@ -165,3 +165,100 @@ def test_captureManifestFuzz(tmp_path_factory, manifest):
             loadCapture(str(folder), strict=strict)
         except CaptureError:
             pass
+
+
+# Receiving in place (the multifd channels' read path on real sockets,
+# twisted_multifd._directread): the same bytes must give the same records and
+# errors as feeding them, and no buffer is set aside beyond what the parser
+# may ask for in place.
+
+
+def _snapshot(event):
+    """
+    An event as plain values: a memoryview handed out is only valid until
+    the parser asks for more.
+    """
+    import attrs
+
+    if attrs.has(type(event)):
+        values = attrs.asdict(event, recurse=False)
+        return (type(event).__name__, {k: bytes(v) if isinstance(v, memoryview) else v for k, v in values.items()})
+    return (type(event).__name__, bytes(event) if isinstance(event, memoryview) else event)
+
+
+def _events(parser, deliver):
+    out = []
+    try:
+        deliver(parser, out)
+        parser.end()
+        while (event := parser.nextEvent()) is not None:
+            out.append(_snapshot(event))
+    except ProtocolError as e:
+        assert not str(e).startswith("internal parser error"), str(e)
+        out.append(("error", str(e)))
+    return out
+
+
+def _feeding(data, sizes):
+    def deliver(parser, out):
+        position = 0
+        for size in _sizes(sizes, len(data)):
+            parser.feed(data[position : position + size])
+            position += size
+            while (event := parser.nextEvent()) is not None:
+                out.append(_snapshot(event))
+
+    return deliver
+
+
+def _receivingInPlace(data, sizes):
+    from twisted_multifd._incremental import DIRECT_SMALL, VIEW_BUFFER
+
+    def deliver(parser, out):
+        position = 0
+        for size in _sizes(sizes, len(data)):
+            end = min(position + size, len(data))
+            while position < end:
+                target = parser.directBuffer()
+                if target is None:
+                    parser.feed(data[position:end])
+                    position = end
+                else:
+                    assert len(target) <= max(DIRECT_SMALL, VIEW_BUFFER), len(target)
+                    count = min(len(target), end - position)
+                    target[:count] = data[position : position + count]
+                    position += count
+                    parser.directFilled(count)
+                while (event := parser.nextEvent()) is not None:
+                    out.append(_snapshot(event))
+
+    return deliver
+
+
+def _sizes(sizes, total):
+    sizes = [s for s in sizes if s > 0] or [total or 1]
+    index, delivered = 0, 0
+    while delivered < total:
+        size = sizes[index % len(sizes)]
+        yield size
+        delivered += size
+        index += 1
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=4096), _mutated(CHANNEL), _mutated(CHANNEL10)),
+       sizes=st.lists(st.integers(1, 30000), min_size=1, max_size=5),
+       compression=st.sampled_from([None, 0, 2, 4]))
+def test_multifdPacketsReceivedInPlaceAsFed(data, sizes, compression):
+    fed = _events(IncrementalParser(channelPackets(4096, compression)), _feeding(data, [len(data) or 1]))
+    inPlace = _events(IncrementalParser(channelPackets(4096, compression)), _receivingInPlace(data, sizes))
+    assert inPlace == fed
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=2048), _mutated(MAIN), _mutated(MAIN72)),
+       sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=5))
+def test_mainStreamReceivedInPlaceAsFed(data, sizes):
+    fed = _events(IncrementalParser(mainStream()), _feeding(data, [len(data) or 1]))
+    inPlace = _events(IncrementalParser(mainStream()), _receivingInPlace(data, sizes))
+    assert inPlace == fed

@@ -60,7 +60,9 @@ class DirectReader:
                 if target is not None:
                     count = sock.recv_into(target)
                 else:
-                    data = sock.recv(parser.wanted() or FALLBACK_READ)
+                    # recv(n) sets aside n bytes whatever arrives: never
+                    # more than FALLBACK_READ, whatever a length field says.
+                    data = sock.recv(min(parser.wanted() or FALLBACK_READ, FALLBACK_READ))
                     count = len(data)
             except BlockingIOError:
                 return None

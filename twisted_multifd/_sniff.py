@@ -12,11 +12,14 @@ network reorders connection set-up. Sniffing adds nothing to the wire.
 from __future__ import annotations
 
 from typing import Callable
+from weakref import ref
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from ._initpacket import INIT_PACKET_SIZE
 
 MAIN_CHANNEL = "main"
 MULTIFD_CHANNEL = "multifd"
@@ -45,17 +48,107 @@ def sourceHost(address: IAddress) -> str:
     return getattr(address, "host", None) or "local"
 
 
+class _SniffDeadlines:
+    """
+    The connections still being sniffed on one clock with one timeout, oldest
+    first, under a single timer.
+
+    Accepting a connection is the hot path of a busy receiver: a timer of its
+    own per connection (an L{IDelayedCall} made, scheduled and cancelled)
+    costs about as much as the rest of sniffing together. With one timeout for
+    all, deadlines grow with arrival order, so one timer for the oldest is
+    enough. It is stopped whenever no connection is waiting, so nothing is
+    left pending on the clock once every connection is classified. (Should
+    the clock step back, connections that arrive then wait behind older ones:
+    at most that step longer than their timeout.)
+
+    @param clock: returns the clock, or L{None} once it is gone (the queue
+        does not keep a test's Clock alive).
+    """
+
+    def __init__(self, clock: Callable[[], IReactorTime | None], timeout: float) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        # Insertion-ordered: oldest (earliest deadline) first.
+        self._waiting: dict[ChannelSniffer, float] = {}
+        self._timer: IDelayedCall | None = None
+
+    def add(self, sniffer: "ChannelSniffer", clock: IReactorTime) -> None:
+        self._waiting[sniffer] = clock.seconds() + self._timeout
+        if self._timer is None:
+            self._timer = clock.callLater(self._timeout, self._expire)
+
+    def remove(self, sniffer: "ChannelSniffer") -> None:
+        if self._waiting.pop(sniffer, None) is not None and not self._waiting and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        clock = self._clock()
+        if clock is None:
+            return
+        now = clock.seconds()
+        waiting = self._waiting
+        due = []
+        while waiting:
+            sniffer = next(iter(waiting))
+            # The timer was set for exactly this deadline; the tolerance only
+            # absorbs float rounding between "then + delay" and the deadline.
+            remaining = waiting[sniffer] - now
+            if remaining > 1e-9:
+                self._timer = clock.callLater(remaining, self._expire)
+                break
+            del waiting[sniffer]
+            due.append(sniffer)
+        # Dropped after the timer is set again for the rest, so that nothing
+        # a dropped connection does can stop the others' timeouts.
+        for sniffer in due:
+            sniffer._timedOut()
+
+
+# One queue per (clock, timeout), dropped when its clock is (so a test's Clock
+# is not kept alive). Keyed by id() because a clock need not be hashable; the
+# weakref's callback removes the entry before the id can be reused.
+_deadlines: dict[tuple[int, float], _SniffDeadlines] = {}
+
+
+def _deadlinesFor(clock: IReactorTime, timeout: float) -> _SniffDeadlines:
+    key = (id(clock), timeout)
+    queue = _deadlines.get(key)
+    if queue is None:
+        try:
+            clockRef: Callable[[], IReactorTime | None] = ref(clock, lambda _: _deadlines.pop(key, None))
+        except TypeError:
+            # A clock that cannot be weakly referenced: a queue of its own per connection.
+            return _SniffDeadlines(lambda: clock, timeout)
+        queue = _deadlines[key] = _SniffDeadlines(clockRef, timeout)
+    return queue
+
+
 class ChannelSniffer(Protocol):
     """
     Wraps a connection until its first four bytes are in, then hands the
     connection and every byte read so far to the protocol C{chooser} returns
     for the channel kind, and forwards everything after that to it.
 
+    Bytes are never copied on the way: when the first read holds the whole
+    magic (the usual case) the chosen protocol receives that very C{bytes}
+    object, and every later read is passed on as it came.
+
+    The timeout covers what a connection must send before anything else
+    watches it: the magic, and for a multifd channel the rest of its
+    64-byte (L{INIT_PACKET_SIZE}) initial packet (until that is in, the channel
+    has joined no migration, so no channel timeout applies to it yet).
+
     @param chooser: called with L{MAIN_CHANNEL} or L{MULTIFD_CHANNEL} and the
         peer address; returns the protocol for the connection.
-    @param timeout: seconds to wait for four bytes before dropping the
+    @param timeout: seconds to wait for those bytes before dropping the
         connection.
     """
+
+    # Bytes a multifd channel still owes of its initial packet after hand-off.
+    _owed = 0
 
     def __init__(
         self,
@@ -69,37 +162,49 @@ class ChannelSniffer(Protocol):
         self._clock = clock
         self._timeout = timeout
         self._buffer = b""
-        self._timer: IDelayedCall | None = None
+        self._deadlines: _SniffDeadlines | None = None
         self.delegate: Protocol | None = None
 
     def connectionMade(self) -> None:
-        self._timer = self._clock.callLater(self._timeout, self._timedOut)
+        self._deadlines = _deadlinesFor(self._clock, self._timeout)
+        self._deadlines.add(self, self._clock)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.delegate is not None:
-            self.delegate.dataReceived(data)
+        delegate = self.delegate
+        if delegate is not None:
+            if self._owed:
+                self._owed = max(0, self._owed - len(data))
+                if not self._owed:
+                    self._stopWaiting()
+            delegate.dataReceived(data)
             return
-        self._buffer += data
-        if len(self._buffer) < MAGIC_SIZE:
+        if self._buffer:
+            data = self._buffer + data
+        if len(data) < MAGIC_SIZE:
+            self._buffer = data
             return
-        self._cancelTimer()
-        buffered, self._buffer = self._buffer, b""
-        kind = MAGICS.get(buffered[:MAGIC_SIZE])
+        self._buffer = b""
+        kind = MAGICS.get(data[:MAGIC_SIZE])
         if kind is None:
+            self._stopWaiting()
             log.error(
                 "connection from {peer}: first bytes {hex} are neither a main channel (51 45 56 4d)"
                 " nor a multifd channel (11 22 33 44); closing it",
                 peer=describePeer(self._peer),
-                hex=buffered[:16].hex(" "),
+                hex=data[:16].hex(" "),
             )
             self.transport.abortConnection()
             return
-        self.delegate = self._chooser(kind, self._peer)
-        self.delegate.makeConnection(self.transport)
-        self.delegate.dataReceived(buffered)
+        if kind is MULTIFD_CHANNEL and len(data) < INIT_PACKET_SIZE:
+            self._owed = INIT_PACKET_SIZE - len(data)
+        else:
+            self._stopWaiting()
+        self.delegate = delegate = self._chooser(kind, self._peer)
+        delegate.makeConnection(self.transport)
+        delegate.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
-        self._cancelTimer()
+        self._stopWaiting()
         if self.delegate is not None:
             self.delegate.connectionLost(reason)
         elif self._buffer:
@@ -107,14 +212,24 @@ class ChannelSniffer(Protocol):
                      peer=describePeer(self._peer), n=len(self._buffer), hex=self._buffer.hex(" "))
 
     def _timedOut(self) -> None:
-        self._timer = None
-        log.warn(
-            "connection from {peer}: {n} bytes in {timeout:g} s, not enough to tell its channel type; dropping it",
-            peer=describePeer(self._peer), n=len(self._buffer), timeout=self._timeout,
-        )
+        self._deadlines = None
+        if self.delegate is not None:
+            log.warn(
+                "connection from {peer}: multifd channel sent {n} of the {size} bytes of its initial packet"
+                " in {timeout:g} s; dropping it",
+                peer=describePeer(self._peer), n=INIT_PACKET_SIZE - self._owed, size=INIT_PACKET_SIZE,
+                timeout=self._timeout,
+            )
+        else:
+            log.warn(
+                "connection from {peer}: {n} bytes in {timeout:g} s, not enough to tell its channel type;"
+                " dropping it",
+                peer=describePeer(self._peer), n=len(self._buffer), timeout=self._timeout,
+            )
         self.transport.abortConnection()
 
-    def _cancelTimer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+    def _stopWaiting(self) -> None:
+        self._owed = 0
+        if self._deadlines is not None:
+            self._deadlines.remove(self)
+            self._deadlines = None
