@@ -220,7 +220,9 @@ RSS_GROWTH_LIMIT = 16 * 1024 * 1024
 With flow control a relayed connection holds at most its transport's write
 buffer (Twisted pauses the producer above 64 KiB, so up to about 64 KiB plus
 one 64 KiB read) and, before its destination connection exists, one read of
-early bytes: well under 1 MiB for five connections. The rest of the limit is
+early bytes: well under 1 MiB for five connections. (Between these plain
+sockets the relay splices: the bytes stay in a 256 KiB kernel pipe per
+direction and never enter its memory.) The rest of the limit is
 room for the allocator and the interpreter. The source sends 64 MiB of pages
 (random RAM: none is a zero page) far faster than the destination reads;
 during the stall alone an unthrottled relay would hold tens of MiB more.

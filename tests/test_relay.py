@@ -11,6 +11,8 @@ that records what reaches it.
 
 from __future__ import annotations
 
+import os
+import random
 import socket
 import subprocess
 import sys
@@ -20,10 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
@@ -558,8 +565,6 @@ def test_silentConnectionIsDroppedAtTheSniffTimeout() -> None:
     [
         (initPacket(2), "multifd channel 2 from 192.0.2.1:40002: initial packet id: channel id 2, expected 0 to 1"),
         (initPacket(0), "multifd channel 0 from 192.0.2.1:40002: initial packet id: channel id 0 twice"),
-        (initPacket(1, uuid=bytes(16)), "multifd channel 1 from 192.0.2.1:40002: initial packet uuid: uuid "
-         "00000000000000000000000000000000, other channels sent 000102030405060708090a0b0c0d0e0f"),
         (initPacket(1, version=2), "multifd channel from 192.0.2.1:40002: initial packet version: expected 1, got 2"),
     ],
 )
@@ -593,17 +598,149 @@ def test_multifdChannelEndingBeforeItsInitialPacket(close: str) -> None:
     )
 
 
+# Grouping by source host and uuid, as the receiver does
+
+
+def _relayedAlone(wires: dict[int | str, Wire], upstreams: list[Wire], channels: int, uuid: bytes) -> None:
+    """
+    Each of C{upstreams} (main first, then multifd ids in order) got exactly
+    what its own source connection in C{wires} sent.
+    """
+    starts = [MAIN_START] + [initPacket(i, uuid) + f"packets of {uuid.hex()[:4]} {i}".encode()
+                             for i in range(channels)]
+    for which, upstream, start in zip(["main", *range(channels)], upstreams, starts):
+        wires[which].send(b" and more of " + str(which).encode())
+        assert upstream.written == start + b" and more of " + str(which).encode()
+
+
+def test_twoMigrationsFromOneHostWithDifferentUUIDsAreRelayedSeparately() -> None:
+    relay = Relay(channels=2)
+    first, second = b"\xaa" * 16, b"\xbb" * 16
+
+    def channel(i: int, uuid: bytes) -> Wire:
+        return relay.source(initPacket(i, uuid) + f"packets of {uuid.hex()[:4]} {i}".encode())
+
+    a = {1: channel(1, first), 0: channel(0, first), "main": relay.source(MAIN_START)}
+    aUp = [relay.accept()]
+    # The second source starts while the first is still connecting to the destination.
+    b = {0: channel(0, second)}
+    aUp += [relay.accept(), relay.accept()]
+    b[1] = channel(1, second)
+    assert relay.attempts == 0, "the second waits for its main channel"
+    b["main"] = relay.source(MAIN_START)
+    bUp = connectAll(relay, 2)
+    _relayedAlone(a, aUp, 2, first)
+    _relayedAlone(b, bUp, 2, second)
+    first_, second_ = relay.factory.migrations
+    assert (first_.uuid, second_.uuid) == (first, second)
+    assert {c.peer.port for c in first_.connections} == {w.transport.getPeer().port for w in a.values()}
+    for wire in [*a.values(), *b.values(), *aUp, *bUp]:
+        wire.end()
+    relay.closeAsked()
+    assert [(r.number, r.clean) for r in relay.results] == [(1, True), (2, True)]
+
+
+def refusedHost(events: list[dict]) -> str:
+    (line,) = [line for line in errors(events) if "refusing the migrations assembling from" in line]
+    return line
+
+
+def test_mainChannelWithTwoMigrationsAssemblingIsRefused() -> None:
+    """
+    QEMU 9+ order: two sources on one host connect their multifd channels,
+    then a main channel arrives that could be either's. Both migrations are
+    refused, and so is the host for the channel timeout; nothing reaches
+    the destination. After that the host relays again.
+    """
+    relay = Relay(channels=1)
+    a = relay.source(initPacket(0, b"\x01" * 16))
+    b = relay.source(initPacket(0, b"\x02" * 16))
+    with capturedLogs() as events:
+        main = relay.source(MAIN_START)
+    assert main.aborted and a.aborted and b.aborted
+    assert relay.attempts == 0
+    assert [r.number for r in relay.results] == [1, 2]
+    for result in relay.results:
+        assert result.error == (
+            f"main channel from {HOST}:40003, while migration 1 from {HOST} (uuid {'01' * 16}), migration 2 from"
+            f" {HOST} (uuid {'02' * 16}) assembling from the same host: a main channel carries no uuid, so which"
+            " migration it belongs to cannot be told; refusing them rather than relay a mix"
+        )
+    assert f"and new connections from it for {CHANNEL_TIMEOUT:g} s" in refusedHost(events)
+    # A late channel of the refused sources is refused too, for a while; other hosts are not.
+    with capturedLogs() as events:
+        late = relay.source(multifdStart(0))
+    assert late.aborted
+    assert f"refused: connections from {HOST} are refused for 60 s more" in errors(events)[0]
+    assemble(relay, [0, "main"], host="192.0.2.99")
+    assert relay.attempts == 1
+    relay.accept(), relay.accept()
+    relay.reactor.advance(CHANNEL_TIMEOUT)
+    wires, upstreams = runMigration(relay, 1)
+    assert [u.written for u in upstreams] == [MAIN_START, multifdStart(0)]
+
+
 def test_secondMainChannelFromTheSameHostIsRefused() -> None:
     relay = Relay(channels=1)
     first = relay.source(MAIN_START)
     with capturedLogs() as events:
         second = relay.source(MAIN_START)
-    assert second.aborted and not first.aborted
-    assert "refusing a second main channel" in errors(events)[0]
-    second.lose()
-    relay.source(multifdStart(0))
-    assert relay.accept().written == MAIN_START
+    assert second.aborted and first.aborted, "which main channel the multifd channel would join cannot be told"
+    assert "(uuid none yet, has its main channel) assembling from the same host" in relay.results[0].error
+    refusedHost(events)
+
+
+def test_newUUIDWhileAMainChannelWaitsIsRefused() -> None:
+    """
+    QEMU 7.2 order: a main channel first, then channels of two uuids. The
+    main channel could be either's: refused, with both uuids named.
+    """
+    relay = Relay(channels=2)
+    main = relay.source(MAIN_START)
+    first = relay.source(initPacket(0))
+    second = relay.source(initPacket(1, uuid=bytes(16)))
+    assert main.aborted and first.aborted and second.aborted
+    assert relay.attempts == 0
+    (result,) = relay.results
+    assert result.error == (
+        f"multifd channel 1 from {HOST}:40003: initial packet uuid: uuid {'00' * 16}, other channels sent"
+        f" {UUID.hex()}: a new migration from a host whose main channel is already waiting (migration 1 from"
+        f" {HOST}); which migration that main channel belongs to cannot be told, so both are refused"
+    )
+
+
+def test_secondMigrationWithTheUUIDOfOneBeingRelayedIsRefused() -> None:
+    relay = Relay(channels=1)
+    wires, upstreams = runMigration(relay, 1)
+    with capturedLogs() as events:
+        again = relay.source(multifdStart(0))
+    assert again.aborted
+    assert f"a second migration from {HOST} with uuid {UUID.hex()}, while migration 1 from {HOST} with the same" \
+           " uuid is being relayed" in refusedHost(events)
+    wires[0].send(b"still relayed")
+    assert upstreams[1].written == multifdStart(0) + b"still relayed"
+    assert not any(wire.aborted for wire in [*wires.values(), *upstreams])
     assert relay.results == []
+
+
+def test_sameUUIDAssemblingAtOnceAreBothRefused() -> None:
+    relay = Relay(channels=2)
+    first = relay.source(multifdStart(0))
+    with capturedLogs() as events:
+        second = relay.source(multifdStart(0))
+    assert first.aborted and second.aborted
+    assert relay.results[0].error == f"multifd channel 0 from {HOST}:40002: initial packet id: channel id 0 twice"
+    refusedHost(events)
+
+
+def test_otherHostsAreNotAffectedByARefusedHost() -> None:
+    relay = Relay(channels=1)
+    other = assemble(relay, [0], host="192.0.2.50")
+    relay.source(MAIN_START)
+    relay.source(MAIN_START)
+    assert not other[0].aborted
+    other["main"] = relay.source(MAIN_START, host="192.0.2.50")
+    assert [u.written for u in connectAll(relay, 1)] == [MAIN_START, multifdStart(0)]
 
 
 def test_relayKeepsServingAfterAFailedMigration() -> None:
@@ -859,3 +996,118 @@ def test_twistdPlugin(tmp_path: Path) -> None:
         destination.close()
     assert "relayed cleanly" in out
     assert [bytes(data) for data in destination.received] == list(migration.streams)
+
+
+# The splice(2) path: plain sockets, in this process
+
+
+class _Far(Protocol):
+    """
+    The destination's or the source's end of a relayed connection over
+    loopback TCP: keeps what arrives.
+    """
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost.callback(None)
+
+
+async def _until(condition: Any, what: str, timeout: float = 20.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _splicedRelay(results: list[RelayResult]) -> tuple[Any, Any, list[_Far], _Far]:
+    """
+    A plain-migration relay on loopback TCP in front of an in-process
+    destination, and one source connection through it that sent its magic.
+    """
+    arrived: list[_Far] = []
+
+    def accepted() -> _Far:
+        arrived.append(_Far())
+        return arrived[-1]
+
+    destination = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(accepted))
+    factory = RelayFactory(f"tcp:127.0.0.1:{destination.getHost().port}", channels=0,
+                           onMigrationEnded=results.append)
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    source = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), _Far())
+    source.transport.write(MAIN_START)
+    await _until(lambda: arrived and bytes(arrived[0].received) == MAIN_START, "the early bytes at the destination")
+    return destination, port, arrived, source
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")
+@pytest_twisted.ensureDeferred
+async def test_splicedBothWaysThenCleanEnd() -> None:
+    results: list[RelayResult] = []
+    destination, port, arrived, source = await _splicedRelay(results)
+    try:
+        (connection,) = [m.main for m in port.factory.migrations]
+        assert len(connection._spliced) == 2, "plain TCP on both sides: the splice path"
+        payload = random.Random(5).randbytes(3 * 1024 * 1024 + 17)
+        source.transport.write(payload)
+        far = arrived[0]
+        await _until(lambda: len(far.received) == len(MAIN_START + payload), "the payload at the destination")
+        assert bytes(far.received) == MAIN_START + payload
+        answer = random.Random(6).randbytes(300000)
+        far.transport.write(answer)
+        await _until(lambda: len(source.received) == len(answer), "the answer at the source")
+        assert bytes(source.received) == answer
+        source.transport.loseConnection()
+        await far.lost
+        await source.lost
+        await _until(lambda: results, "the migration to end")
+        (result,) = results
+        assert result.clean, result.error
+        assert (result.toDestination, result.toSource) == (len(MAIN_START + payload), len(answer))
+        assert all(direction.closed for direction in connection._spliced)
+    finally:
+        await port.stopListening()
+        await destination.stopListening()
+
+
+@pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux only")
+@pytest_twisted.ensureDeferred
+async def test_splicedDestinationNotReadingStopsTheSourceBeingRead() -> None:
+    results: list[RelayResult] = []
+    destination, port, arrived, source = await _splicedRelay(results)
+    try:
+        (connection,) = [m.main for m in port.factory.migrations]
+        far = arrived[0]
+        far.transport.pauseProducing()  # the destination reads nothing
+        payload = random.Random(7).randbytes(64 * 1024 * 1024)
+        source.transport.write(payload)
+        relayed: list[int] = []
+
+        def settled() -> bool:
+            relayed.append(connection.destination.written)
+            return len(relayed) > 30 and relayed[-1] == relayed[-30]
+
+        await _until(settled, "the relay to stop moving bytes")
+        toward = connection._spliced[0]
+        assert connection.source.transport not in reactor.getReaders(), "the source is not read"
+        assert toward.pending > 0 and connection.destination.transport in reactor.getWriters()
+        # What left the source is in socket buffers and one pipe, not tens of MiB.
+        assert relayed[-1] < 24 * 1024 * 1024
+        far.transport.resumeProducing()
+        await _until(lambda: len(far.received) == len(MAIN_START + payload), "everything at the destination")
+        assert bytes(far.received) == MAIN_START + payload
+        source.transport.loseConnection()
+        await far.lost
+        await _until(lambda: results, "the migration to end")
+        assert results[0].clean, results[0].error
+    finally:
+        await port.stopListening()
+        await destination.stopListening()
+

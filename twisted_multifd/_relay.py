@@ -16,7 +16,12 @@ connected, and forwards first the bytes it had already read. From then on it
 copies bytes both ways, unchanged, with flow control: each side's transport is
 the other side's streaming producer, so a slow destination slows the source
 and a connection never holds more than about one read and one write buffer.
-Nothing is added to or removed from the wire.
+Between plain sockets on Linux the bytes are moved with splice(2) instead,
+never entering Python (L{twisted_multifd._splice}). Nothing is added to or
+removed from the wire.
+
+Connections are grouped into migrations by source host and the uuid of the
+multifd initial packets, as the receiver groups them; see L{RelayFactory}.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from zope.interface import implementer
 from ._errors import ConnectionClosed, MigrationError, MigrationTimeout, ProtocolError
 from ._initpacket import INIT_PACKET_SIZE, MultiFDInitPacket, parseInitPacket, checkChannelJoins
 from ._sniff import MAIN_CHANNEL, ChannelSniffer, describePeer, sourceHost
+from ._splice import PIPE_SIZE, SplicedDirection, canSplice
 
 log = Logger(namespace="twisted_multifd.relay")
 
@@ -98,6 +104,8 @@ class RelayResult:
         if every connection was relayed and closed normally on both sides.
     @ivar connections: the main channel's report first, then the multifd
         channels' in id order.
+    @ivar uuid: the uuid of its multifd channels' initial packets; L{None}
+        for a plain migration, or if none arrived.
     """
 
     number: int
@@ -107,6 +115,7 @@ class RelayResult:
     duration: float
     error: str | None
     connections: tuple[RelayedConnectionReport, ...]
+    uuid: bytes | None = None
 
     @property
     def clean(self) -> bool:
@@ -255,6 +264,8 @@ class RelayedConnection(Protocol):
         self._early: list[bytes] = []
         self._earlySize = 0
         self._stopped = False
+        self._connecting = False
+        self._spliced: tuple[SplicedDirection, ...] = ()
 
     @property
     def label(self) -> str:
@@ -266,6 +277,21 @@ class RelayedConnection(Protocol):
     @property
     def finished(self) -> bool:
         return self.source.lost is not None and self.destination.lost is not None
+
+    @property
+    def state(self) -> str:
+        """
+        For C{/status}: C{"held"} (in, waiting for the other channels or for
+        its turn), C{"connecting"} (to the destination), C{"relaying"},
+        C{"closing"} (one direction has ended), C{"closed"}.
+        """
+        if self._stopped or self.finished:
+            return "closed"
+        if self.destination.transport is None:
+            return "connecting" if self._connecting else "held"
+        if self.source.readEnded or self.destination.readEnded:
+            return "closing"
+        return "relaying"
 
     def report(self) -> RelayedConnectionReport:
         return RelayedConnectionReport(
@@ -350,6 +376,9 @@ class RelayedConnection(Protocol):
         bothEnded = end.readEnded and self._other(end).readEnded
         end.lost = reason
         end.readEnded = True
+        if self.source.lost is not None and self.destination.lost is not None:
+            for direction in self._spliced:
+                direction.close()
         if self._stopped:
             return
         if not reason.check(error.ConnectionDone) and not bothEnded:
@@ -405,8 +434,14 @@ class RelayedConnection(Protocol):
         """
         Connect to the destination; fires once connected and relaying.
         """
+        self._connecting = True
         d: defer.Deferred[Any] = endpoint.connect(_UpstreamFactory(_UpstreamProtocol(self)))
-        return d.addCallback(lambda _: None)
+
+        def done(result: Any) -> None:
+            self._connecting = False
+            return None if not isinstance(result, Failure) else result  # type: ignore[return-value]
+
+        return d.addBoth(done)
 
     def _upstreamMade(self, transport: ITransport) -> None:
         destination = self.destination
@@ -425,10 +460,21 @@ class RelayedConnection(Protocol):
         if early:
             destination.written += len(early)
             transport.write(early)
+        if source.lost is None and canSplice(source.transport) and canSplice(transport):
+            self._spliced = (
+                SplicedDirection(source.transport, transport, self._movedToDestination, PIPE_SIZE),
+                SplicedDirection(transport, source.transport, self._movedToSource, None),
+            )
         if source.readEnded:
             self._settle()
         else:
             source.transport.resumeProducing()
+
+    def _movedToDestination(self, count: int) -> None:
+        self.destination.written += count
+
+    def _movedToSource(self, count: int) -> None:
+        self.source.written += count
 
     def stop(self) -> None:
         """
@@ -610,6 +656,7 @@ class RelayedMigration:
             duration=duration,
             error=None if reason is None else str(reason),
             connections=tuple(c.report() for c in self.connections),
+            uuid=self.uuid,
         )
         if result.clean:
             log.info("{label}: relayed cleanly in {duration:.2f} s ({summary})",
@@ -645,12 +692,49 @@ class RelayedMigration:
         return (f"{self.label}: {self.state}, {formatSize(sent)} to the destination and {formatSize(back)} back"
                 f" in {elapsed:.1f} s ({rate:.1f} MiB/s)")
 
+    def status(self) -> dict[str, Any]:
+        """
+        Where the migration is, for C{/status} (docs/status.md): its state,
+        and per channel (C{"main"}, C{"0"}, ...) the connection's state and
+        the bytes relayed each way; a channel not in yet is C{"waiting"}.
+        """
+        connections: dict[str, dict[str, Any]] = {
+            name: {"state": "waiting", "to_destination": 0, "to_source": 0}
+            for name in ["main", *map(str, range(self.channels))]
+        }
+        for connection in self.connections:
+            name = "main" if connection.kind == MAIN_CHANNEL else str(connection.channelID)
+            connections[name] = {
+                "state": connection.state,
+                "to_destination": connection.destination.written,
+                "to_source": connection.source.written,
+            }
+        return {
+            "state": self.state,
+            "uuid": None if self.uuid is None else self.uuid.hex(),
+            "elapsed": self.clock.seconds() - self._started,
+            "connections": connections,
+        }
+
 
 class RelayFactory(ServerFactory):
     """
     Accepts the main and multifd connections of QEMU migrations in any order
-    on one port, groups them by source host, and relays each migration to the
-    destination with its main channel connected first.
+    on one port, groups them by source host and uuid, and relays each
+    migration to the destination with its main channel connected first.
+
+    Grouping is the receiver's (L{MigrationReceiverFactory}, docs/relay.md):
+    a multifd channel joins the migration assembling from its host with the
+    uuid of its initial packet; a main channel, which carries no uuid, joins
+    one only while its host has exactly one migration assembling and that
+    one has no main channel yet. Anything else cannot be paired for sure (a
+    main channel with several migrations, or a second main channel,
+    assembling from its host; a multifd channel of a new uuid while a main
+    channel waits; a second migration with the uuid of one already relaying
+    from the host): every migration assembling from that host is ended, and
+    new connections from it are refused for C{channelTimeout} seconds, rather
+    than relay a main channel with another migration's multifd channels.
+    Migrations already connecting or relaying are never touched.
 
     @param upstream: the destination: a client endpoint string
         (C{"tcp:HOST:PORT"}, C{"unix:PATH"}) or an endpoint.
@@ -703,7 +787,10 @@ class RelayFactory(ServerFactory):
         self.onMigrationEnded = onMigrationEnded
         self.noisy = False
         self.migrations: list[RelayedMigration] = []
-        self._assembling: dict[str, RelayedMigration] = {}
+        # Per source host, its migrations still assembling, oldest first.
+        self._assembling: dict[str, list[RelayedMigration]] = {}
+        # Hosts refused until this time (see the class docstring).
+        self._refusedUntil: dict[str, float] = {}
         self._count = 0
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
@@ -720,47 +807,124 @@ class RelayFactory(ServerFactory):
         log.info("{label}: first channel connected; expecting a main channel and {n} multifd channels",
                  label=migration.label, n=self.channels)
         self.migrations.append(migration)
-        self._assembling[host] = migration
+        self._assembling.setdefault(host, []).append(migration)
         return migration
+
+    # Refusals
+
+    def _hostRefused(self, connection: RelayedConnection, host: str) -> bool:
+        """
+        Refuse C{connection} (and say so) if its host is refused for now.
+        """
+        until = self._refusedUntil.get(host)
+        if until is None:
+            return False
+        if self.clock.seconds() >= until:
+            del self._refusedUntil[host]
+            return False
+        connection.refuse(f"refused: connections from {host} are refused for {until - self.clock.seconds():.0f} s"
+                          " more, after migrations from it could not be told apart")
+        return True
+
+    def _refuseHost(self, host: str, connection: RelayedConnection, reason: MigrationError) -> None:
+        """
+        Channels from C{host} cannot be paired for sure: drop C{connection},
+        end every migration assembling from the host, and refuse new
+        connections from it for a while (late channels of those sources
+        could otherwise join a wrong migration).
+        """
+        self._refusedUntil[host] = self.clock.seconds() + self.channelTimeout
+        connection.stop()
+        log.error("refusing the migrations assembling from {host}, and new connections from it for"
+                  " {timeout:g} s: {error}", host=host, timeout=self.channelTimeout, error=str(reason))
+        for migration in list(self._assembling.get(host, ())):
+            migration.fail(reason)
+
+    # Channels arriving
 
     def _mainArrived(self, connection: RelayedConnection) -> None:
         host = sourceHost(connection.peer)
-        migration = self._assembling.get(host)
-        if migration is not None and migration.main is not None:
-            connection.refuse(
-                f"{migration.label} already has its main channel and is waiting for its multifd"
-                " channels; refusing a second main channel from the same host"
-            )
+        if self.channels == 0:
+            # Plain migrations: each main channel is a whole migration.
+            self._newMigration(host).attachMain(connection)
             return
-        if migration is None:
+        if self._hostRefused(connection, host):
+            return
+        assembling = self._assembling.get(host, [])
+        if not assembling:
             migration = self._newMigration(host)
+        elif len(assembling) == 1 and assembling[0].main is None:
+            migration = assembling[0]
+        else:
+            self._refuseHost(host, connection, MigrationError(
+                f"main channel from {connection.peerName}, while "
+                + ", ".join(f"{m.label} (uuid {_uuidText(m.uuid)}"
+                            f"{', has its main channel' if m.main is not None else ''})" for m in assembling)
+                + " assembling from the same host: a main channel carries no uuid, so which migration it"
+                " belongs to cannot be told; refusing them rather than relay a mix"
+            ))
+            return
         migration.attachMain(connection)
 
     def _multifdArrived(self, connection: RelayedConnection, init: MultiFDInitPacket) -> None:
         host = sourceHost(connection.peer)
-        migration = self._assembling.get(host) or self._newMigration(host)
+        if self._hostRefused(connection, host):
+            return
+        assembling = self._assembling.get(host, [])
+        migration = next((m for m in assembling if m.uuid == init.uuid), None)
+        if migration is None:
+            running = next((m for m in self.migrations if m.peer == host and m.uuid == init.uuid
+                            and not m.ended and m not in assembling), None)
+            if running is not None:
+                self._refuseHost(host, connection, MigrationError(
+                    f"a second migration from {host} with uuid {init.uuid.hex()}, while {running.label} with"
+                    " the same uuid is being relayed: the two cannot be told apart, so the second is refused",
+                    connection=connection.label,
+                ))
+                return
+            if len(assembling) == 1 and assembling[0].uuid is None:
+                migration = assembling[0]  # a main channel alone, waiting for the multifd channels
+            elif any(m.main is not None for m in assembling):
+                waiting = next(m for m in assembling if m.main is not None)
+                self._refuseHost(host, connection, ProtocolError(
+                    f"uuid {init.uuid.hex()}, other channels sent {_uuidText(waiting.uuid)}: a new migration from"
+                    f" a host whose main channel is already waiting ({waiting.label}); which migration that main"
+                    " channel belongs to cannot be told, so both are refused",
+                    field="initial packet uuid",
+                ).onConnection(connection.label))
+                return
+            else:
+                migration = self._newMigration(host)
         log.info("{label}: joins {migration} (uuid {uuid})",
                  label=connection.label, migration=migration.label, uuid=init.uuid.hex())
+        duplicate = init.channelID in migration.multifd
         try:
             migration.attachMultiFD(connection, init)
         except ProtocolError as e:
+            if duplicate:
+                # Two sources on one host sending the same uuid at once.
+                self._refuseHost(host, connection, e.onConnection(connection.label))
+                return
             connection.stop()
             migration.fail(e.onConnection(connection.label))
 
     def _strayFailed(self, peer: IAddress, reason: MigrationError) -> None:
         """
         A connection failed before it joined a migration: the migration
-        assembling from that host, if any, can no longer complete.
+        assembling from that host, if only one is, can no longer complete.
         """
-        migration = self._assembling.get(sourceHost(peer))
-        if migration is not None:
-            migration.fail(reason)
+        assembling = self._assembling.get(sourceHost(peer), [])
+        if len(assembling) == 1:
+            assembling[0].fail(reason)
         else:
             log.error("{error}", error=str(reason))
 
     def _assembled(self, migration: RelayedMigration) -> None:
-        if self._assembling.get(migration.peer) is migration:
-            del self._assembling[migration.peer]
+        assembling = self._assembling.get(migration.peer)
+        if assembling is not None and migration in assembling:
+            assembling.remove(migration)
+            if not assembling:
+                del self._assembling[migration.peer]
 
     def _ended(self, migration: RelayedMigration, result: RelayResult) -> None:
         self._assembled(migration)
@@ -768,3 +932,7 @@ class RelayFactory(ServerFactory):
             self.migrations.remove(migration)
         if self.onMigrationEnded is not None:
             self.onMigrationEnded(result)
+
+
+def _uuidText(uuid: bytes | None) -> str:
+    return "none yet" if uuid is None else uuid.hex()

@@ -50,6 +50,9 @@ class RelayOptions(usage.Options):
         ["address-file", None, None,
          "Once listening, write the address (tcp:HOST:PORT or unix:PATH) to this file."],
         *TLS_PARAMETERS,
+        ["status", None, None,
+         "Serve GET /status (JSON) and GET /metrics (Prometheus) over HTTP on this endpoint,"
+         " e.g. tcp:8080:interface=127.0.0.1."],
     ]
     optFlags = [
         ["once", None, "Relay one migration, then exit: status 0 only if it ended cleanly."],
@@ -72,6 +75,11 @@ class RelayOptions(usage.Options):
             clientFromString(None, self["to"])
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(f"--to {self['to']!r} is not a client endpoint: {e}")
+        if self["status"] is not None:
+            try:
+                serverFromString(None, self["status"])  # syntax only, as above
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(f"--status {self['status']!r} is not a server endpoint: {e}")
 
 
 def makeRelayFactory(
@@ -90,13 +98,22 @@ def makeRelayFactory(
 
 def _listeningService(options: "RelayOptions", reactor: Any, ended: Callable[[RelayResult], None]) -> ListeningService:
     factory = makeRelayFactory(options, reactor, ended)
-    return ListeningService(
+    service = ListeningService(
         serverFromString(reactor, options["listen"]), factory,
         addressFile=options["address-file"], progressInterval=options["progress-interval"], clock=reactor,
         description=f"relaying migrations with {factory.channels} multifd channels to {factory.upstreamName},"
                     " main channel first",
         role="relay", tls=getattr(options, "tls", None),
     )
+    if options["status"] is not None:
+        from ._status import RelayStatusTracker  # twisted.web only when asked for
+
+        # ListeningService makes a receiver's tracker from its statusEndpoint
+        # argument; the relay's migrations need the relay's tracker, so both
+        # are set here (startService serves whatever tracker it holds).
+        service.statusTracker = RelayStatusTracker(factory, reactor)
+        service.statusEndpoint = serverFromString(reactor, options["status"])
+    return service
 
 
 async def runRelay(reactor: Any, options: "RelayOptions") -> int:
