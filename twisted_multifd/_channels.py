@@ -95,6 +95,13 @@ class _Channel(Protocol):
             self._process()
 
     @property
+    def finished(self) -> bool:
+        """
+        Whether the connection ended or its stream is over.
+        """
+        return self._finished or self._lost is not None
+
+    @property
     def reading(self) -> bool:
         """
         Whether the channel wants bytes now.

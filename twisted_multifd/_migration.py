@@ -55,6 +55,7 @@ class Migration:
         compression: int | None,
         channelTimeout: float,
         onEnded: Callable[["Migration", MigrationResult], None],
+        idleTimeout: float | None = None,
     ) -> None:
         self.info = info
         self.sink = sink
@@ -84,6 +85,10 @@ class Migration:
         self._timer: IDelayedCall | None = clock.callLater(
             channelTimeout, self._timedOut, "all channels to connect"
         )
+        self.idleTimeout = idleTimeout
+        self._idleTimer: IDelayedCall | None = None
+        self._bytesAtIdleCheck = 0
+        self._lastActivity = 0.0
 
     @property
     def label(self) -> str:
@@ -113,8 +118,40 @@ class Migration:
         self._cancelTimer()
         log.info("{label}: all {n} multifd channels and the main channel are in; loading",
                  label=self.label, n=self.info.channels)
+        self._watchIdle()
         self.sink.migrationStarted(self.info)
         self.main.start()
+
+    def _watchIdle(self) -> None:
+        """
+        From loading on, check a few times per idle timeout that bytes still
+        arrive (a timer per read would cost more than the reads).
+        """
+        if not self.idleTimeout:
+            return
+        self._bytesAtIdleCheck = self._bytes
+        self._lastActivity = self.clock.seconds()
+        self._idleTimer = self.clock.callLater(self.idleTimeout / 4, self._idleCheck)
+
+    def _idleCheck(self) -> None:
+        self._idleTimer = None
+        if self.ended or not self.idleTimeout:
+            return
+        now = self.clock.seconds()
+        if self._bytes != self._bytesAtIdleCheck:
+            self._bytesAtIdleCheck = self._bytes
+            self._lastActivity = now
+        elif now - self._lastActivity >= self.idleTimeout:
+            waiting = [channel.label for channel in [self.main, *self.multifd.values()]
+                       if channel is not None and not channel.finished]
+            self.fail(MigrationTimeout(
+                f"nothing received for {now - self._lastActivity:g} s while {self.state}"
+                f" (--idle-timeout {self.idleTimeout:g}); the source stalled or the network"
+                f" dropped; still open: {', '.join(waiting) or 'none'}",
+                connection=self.label,
+            ))
+            return
+        self._idleTimer = self.clock.callLater(self.idleTimeout / 4, self._idleCheck)
 
     # Main channel events
 
@@ -356,6 +393,9 @@ class Migration:
 
     def _end(self, error: MigrationError | None) -> None:
         self._cancelTimer()
+        if self._idleTimer is not None and self._idleTimer.active():
+            self._idleTimer.cancel()
+        self._idleTimer = None
         self.state = FAILED if error else COMPLETE
         channels = [self.main, *self.multifd.values()]
         for channel in channels:

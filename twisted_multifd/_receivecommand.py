@@ -21,6 +21,13 @@ from ._capture import captureIsComplete
 from ._service import ListeningService, tlsFromOptions, asTwistdService, makeReceiverFactory, runListening
 
 
+def nonNegativeFloat(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be a number of seconds, 0 or more")
+    return number
+
+
 def positiveInt(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -46,11 +53,16 @@ class ReceiveOptions(usage.Options):
          "Multifd compression the source uses: auto (accept the source's), " + ", ".join(SUPPORTED_COMPRESSION) + "."],
         ["page-size", None, 4096, "Source target page size in bytes (4096 on x86).", int],
         ["sniff-timeout", None, 120.0,
-         "Seconds a connection has to send its first 4 bytes (QEMU 9+ keeps the main channel"
-         " silent until every multifd channel is connected).", positiveFloat],
+         "Seconds a connection has to send its first 4 bytes, and a multifd channel its 64-byte"
+         " initial packet (QEMU 9+ keeps the main channel silent until every multifd channel is"
+         " connected).", positiveFloat],
         ["channel-timeout", None, 60.0,
          "Seconds a migration waits for missing channels, and at the end for channels to close.",
          positiveFloat],
+        ["idle-timeout", None, 300.0,
+         "Seconds a loading migration may receive nothing on any of its connections before it is"
+         " dropped as stalled; 0 waits for ever (raise it for a source paused with"
+         " pause-before-switchover).", nonNegativeFloat],
         ["max-migrations", None, 16,
          "Migrations at once (assembling or loading); a connection that would start one more is"
          " refused.", positiveInt],

@@ -27,6 +27,8 @@ log = Logger(namespace="twisted_multifd.receiver")
 
 DEFAULT_SNIFF_TIMEOUT = 120.0
 DEFAULT_CHANNEL_TIMEOUT = 60.0
+# A loading migration from which nothing arrived for this long is dropped.
+DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_MAX_MIGRATIONS = 16
 DEFAULT_MAX_WAITING_CHANNELS = 256
 
@@ -105,10 +107,14 @@ class MigrationReceiverFactory(ServerFactory):
     @param pageSize: the source's target page size (4096 on x86) unless its
         configuration section says otherwise.
     @param sniffTimeout: seconds a new connection has to send its first four
-        bytes. Generous by default: QEMU 9+ keeps the main channel silent until
-        all multifd channels are connected.
+        bytes (and a multifd channel its 64-byte initial packet). Generous by
+        default: QEMU 9+ keeps the main channel silent until all multifd
+        channels are connected.
     @param channelTimeout: seconds a migration may wait for missing channels
         (and, at the end, for its channels to close).
+    @param idleTimeout: seconds a loading migration may go without receiving
+        a byte on any of its connections before it is dropped as stalled;
+        L{None} waits for ever (as a QEMU destination does).
     @param maxMigrations: migrations at once (assembling or loading); a
         connection that would start one more is refused.
     @param maxWaitingChannels: connections, over all migrations, that have
@@ -128,6 +134,7 @@ class MigrationReceiverFactory(ServerFactory):
         pageSize: int = 4096,
         sniffTimeout: float = DEFAULT_SNIFF_TIMEOUT,
         channelTimeout: float = DEFAULT_CHANNEL_TIMEOUT,
+        idleTimeout: float | None = DEFAULT_IDLE_TIMEOUT,
         maxMigrations: int = DEFAULT_MAX_MIGRATIONS,
         maxWaitingChannels: int = DEFAULT_MAX_WAITING_CHANNELS,
         onMigrationEnded: Callable[[MigrationResult], None] | None = None,
@@ -152,6 +159,7 @@ class MigrationReceiverFactory(ServerFactory):
         self.pageSize = pageSize
         self.sniffTimeout = sniffTimeout
         self.channelTimeout = channelTimeout
+        self.idleTimeout = idleTimeout
         self.maxMigrations = maxMigrations
         self.maxWaitingChannels = maxWaitingChannels
         self.onMigrationEnded = onMigrationEnded
@@ -302,7 +310,7 @@ class MigrationReceiverFactory(ServerFactory):
             raise error
         migration = Migration(
             info, sink, clock=self.clock, pageSize=self.pageSize, compression=self.compression,
-            channelTimeout=self.channelTimeout, onEnded=self._ended,
+            channelTimeout=self.channelTimeout, idleTimeout=self.idleTimeout, onEnded=self._ended,
         )
         log.info("migration {n} from {host}: first channel connected; expecting a main channel"
                  " and {channels} multifd channels", n=info.number, host=host, channels=self.channels)

@@ -68,6 +68,7 @@ def makeReceiverFactory(
         pageSize=options["page-size"],
         sniffTimeout=options["sniff-timeout"],
         channelTimeout=options["channel-timeout"],
+        idleTimeout=options.get("idle-timeout", 300.0) or None,
         maxMigrations=options.get("max-migrations", 16),
         maxWaitingChannels=options.get("max-waiting-channels", 256),
         onMigrationEnded=onMigrationEnded,
