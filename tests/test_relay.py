@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -560,6 +561,32 @@ def test_silentConnectionIsDroppedAtTheSniffTimeout() -> None:
     assert "dropped before its channel type was known (first bytes 51 45)" in relay.results[0].error
 
 
+def test_multifdChannelShortOfItsInitialPacketIsDroppedAtTheSniffTimeout() -> None:
+    """
+    The sniff timeout also covers a multifd channel's 64-byte initial
+    packet, counted from when the connection was accepted: a channel that
+    sent its magic but not the rest in time is dropped, and so is the
+    migration assembling from its host.
+    """
+    relay = Relay(channels=2, sniffTimeout=5.0)
+    channel = relay.source(multifdStart(0))
+    relay.reactor.advance(3)
+    slow = relay.source(initPacket(1)[:10])
+    relay.reactor.advance(4.9)
+    slow.send(initPacket(1)[10:40])
+    assert not slow.aborted
+    with capturedLogs() as events:
+        relay.reactor.advance(0.1)
+    assert slow.aborted
+    assert ("connection from 192.0.2.1:40002: multifd channel sent 40 of the 64 bytes of its initial packet"
+            " in 5 s; dropping it") in [formatEvent(e) for e in events]
+    slow.lose()
+    assert channel.aborted
+    [result] = relay.results
+    assert not result.clean
+    assert result.error.startswith("multifd channel from 192.0.2.1:40002: the source connection was lost")
+
+
 @pytest.mark.parametrize(
     "packet, expected",
     [
@@ -789,6 +816,123 @@ def test_relayOptionErrors(argv: list[str], message: str) -> None:
         RelayOptions().parseOptions(argv)
 
 
+def test_relayProgressOption() -> None:
+    options = RelayOptions()
+    options.parseOptions(["--to", UPSTREAM])
+    assert options["progress"] == "auto"
+    for mode in ["tty", "log", "off"]:
+        options = RelayOptions()
+        options.parseOptions(["--to", UPSTREAM, "--progress", mode])
+        assert options["progress"] == mode
+
+
+def test_relayBadProgressModeIsAUsageError() -> None:
+    with pytest.raises(usage.UsageError, match="^--progress must be auto, tty, log, off; not 'fancy'$"):
+        RelayOptions().parseOptions(["--to", UPSTREAM, "--progress", "fancy"])
+    result = subprocess.run(
+        [sys.executable, "-m", "twisted_multifd", "relay", "--to", UPSTREAM, "--progress", "fancy"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--progress must be auto, tty, log, off; not 'fancy'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _relayService(argv: list[str], reactor: Any, underTwistd: bool = False,
+                  ended: Any = lambda result: None) -> Any:
+    from twisted_multifd._relaycommand import _listeningService
+
+    options = RelayOptions()
+    options.parseOptions(["--to", UPSTREAM, "--listen", "tcp:0", *argv])
+    return _listeningService(options, reactor, ended, underTwistd=underTwistd)
+
+
+@pytest.mark.parametrize("argv, underTwistd, mode", [
+    ([], False, "tty"),  # auto, and stderr is a terminal
+    (["--progress", "log"], False, "log"),
+    (["--progress", "off"], False, "off"),
+    ([], True, "log"),  # twistd owns stderr
+    (["--progress", "tty"], True, "log"),
+    (["--progress", "off"], True, "off"),
+])
+def test_relayProgressModeResolved(monkeypatch: Any, argv: list[str], underTwistd: bool, mode: str) -> None:
+    from test_progress import FakeTerminal
+
+    monkeypatch.setattr("sys.stderr", FakeTerminal())
+    service = _relayService(argv, MemoryReactorClock(), underTwistd)
+    assert service.progressMode == mode
+
+
+def test_relayProgressModeWithoutATerminalIsLog(monkeypatch: Any) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert _relayService([], MemoryReactorClock()).progressMode == "log"
+
+
+def test_twistdRelayServiceLogsProgress(monkeypatch: Any) -> None:
+    """
+    C{twistd -n multifd relay}: progress log lines even on a terminal, and
+    C{--status} still gets the relay's own tracker.
+    """
+    from test_progress import FakeTerminal
+    from twisted_multifd._relaycommand import makeRelayService
+    from twisted_multifd._status import RelayStatusTracker
+
+    monkeypatch.setattr("sys.stderr", FakeTerminal())
+    options = RelayOptions()
+    options.parseOptions(["--to", UPSTREAM, "--listen", "tcp:0", "--progress", "tty",
+                          "--status", "tcp:0:interface=127.0.0.1"])
+    service = makeRelayService(options, MemoryReactorClock())
+    assert service.progressMode == "log"
+    assert isinstance(service.statusTracker, RelayStatusTracker)
+
+
+def test_relayedMigrationOnATerminal(monkeypatch: Any) -> None:
+    """
+    C{--progress tty}: a relayed migration gets a status line on stderr,
+    redrawn every 0.25 s of the reactor's clock, with the bytes relayed to
+    the destination, their rate and the channels in; the line goes when the
+    migration ends, and stderr is given back when the relay stops.
+    """
+    from test_progress import FakeTerminal
+
+    monkeypatch.setenv("COLUMNS", "200")
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    relay = Relay(channels=1)
+    service = _relayService(["--channels", "1", "--progress", "tty"], relay.reactor, ended=relay.results.append)
+    relay.factory = service.factory  # drive the command's own factory
+    service.startService()
+    assert service.whenListening.called
+    assert sys.stderr is not terminal  # status lines clear themselves before other writes
+
+    wires = assemble(relay, [0])
+    relay.reactor.advance(0.25)
+    assert terminal.screen().text == "migration 1 from 192.0.2.1: assembling, 0 B received, -- /s, 1/2 channels"
+    wires["main"] = relay.source(MAIN_START)
+    upstreams = connectAll(relay, 1)
+    early = len(MAIN_START) + len(multifdStart(0))
+    for _ in range(8):  # 2 s at 128 KiB a channel every 0.25 s: 1 MiB/s in all
+        wires["main"].send(b"m" * 128 * 1024)
+        wires[0].send(b"c" * 128 * 1024)
+        relay.reactor.advance(0.25)
+    assert terminal.screen().rows == [
+        "migration 1 from 192.0.2.1: relaying, 2.0 MiB received, 1.0 MiB/s, 2/2 channels"]
+    assert sum(len(u.written) for u in upstreams) == early + 2 * 1024 * 1024
+
+    for wire in [wires["main"], wires[0], *upstreams]:
+        wire.end()
+    relay.closeAsked()
+    assert [result.clean for result in relay.results] == [True]
+    relay.reactor.advance(0.25)
+    assert terminal.screen().text == ""  # the line is gone with the migration
+    service.stopService()
+    assert service.terminal is None
+    assert sys.stderr is terminal
+    assert terminal.screen().text == ""
+
+
 # Over real sockets
 
 
@@ -905,6 +1049,64 @@ def test_commandRelaysRecordedMigrationMainFirst(tmp_path: Path, name: str, unix
     byID = sorted(migration.streams[1:], key=lambda stream: stream[24])
     assert [bytes(data) for data in destination.received] == [migration.streams[0], *byID]
     assert "relayed cleanly" in err and "Traceback" not in err
+
+
+def test_commandDrawsAStatusLineOnATerminal(tmp_path: Path) -> None:
+    """
+    With stderr on a terminal, C{relay} redraws a status line (bytes relayed
+    to the destination, rate, channels in) while a migration is relayed, and
+    clears it: what is left on the screen is the log lines, the last saying
+    the migration was relayed cleanly.
+    """
+    import fcntl
+    import struct
+    import termios
+
+    from test_cli import _readTerminal
+    from test_progress import Screen
+
+    migration = recorded("cap72-1")
+    destination = RecordingDestination()
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    addressFile = tmp_path / "address"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "twisted_multifd", *_relayCommand(destination.address, 1, addressFile)],
+        stdout=subprocess.PIPE, stderr=slave,
+    )
+    os.close(slave)
+    try:
+        _, host, port = _waitForAddress(addressFile, process).split(":")
+        channel = socket.create_connection((host, int(port)))  # the multifd channel first
+        main = socket.create_connection((host, int(port)))
+        half = [len(stream) // 2 for stream in migration.streams]
+        main.sendall(migration.streams[0][: half[0]])
+        channel.sendall(migration.streams[1][: half[1]])
+        before = _readTerminal(master, process, lambda text: re.search(
+            r"migration 1 from 127\.0\.0\.1: relaying, [\d.]+ [KM]iB received, [^,]+/s, 2/2 channels", text))
+        main.sendall(migration.streams[0][half[0]:])
+        channel.sendall(migration.streams[1][half[1]:])
+        for s in (main, channel):
+            s.shutdown(socket.SHUT_WR)
+        after = _readTerminal(master, process, lambda text: False, timeout=60)
+        process.wait(timeout=60)
+        destination.join()
+        main.close()
+        channel.close()
+    finally:
+        process.kill()
+        os.close(master)
+        destination.close()
+    assert process.returncode == 0
+    assert [bytes(data) for data in destination.received] == list(migration.streams)
+    text = (before + after).decode()
+    assert "\x1b[J" in text
+    screen = Screen()
+    screen.feed(text)
+    rows = [row for row in screen.rows if row]
+    assert "relayed cleanly" in rows[-1], rows
+    assert not [row for row in rows if "/s, 2/2 channels" in row], rows  # no status line left
+    assert all(row.startswith("twisted-multifd: ") for row in rows), rows
 
 
 def test_commandExitsOneWhenTheDestinationRefuses(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ first, from the command line or as a twistd service.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 from twisted.application.service import IService
@@ -12,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.python import usage
 
+from ._progress import PROGRESS_PARAMETER, checkProgressMode, resolveProgressMode
 from ._options import DEFAULT_LISTEN, TLS_PARAMETERS, checkTLSOptions, channelCount, positiveFloat
 from ._relay import (
     DEFAULT_CHANNEL_TIMEOUT,
@@ -41,12 +43,20 @@ class RelayOptions(usage.Options):
          "Multifd channels per migration, as the source's multifd-channels (QEMU's default is 2);"
          " 0 relays plain migrations (multifd capability off).", channelCount],
         ["sniff-timeout", None, DEFAULT_SNIFF_TIMEOUT,
-         "Seconds a connection has to send its first 4 bytes.", positiveFloat],
+         "Seconds a connection has to send its first 4 bytes and, if it is a multifd channel, the"
+         " rest of its 64-byte initial packet (QEMU 9+ keeps the main channel silent until every"
+         " multifd channel is connected).", positiveFloat],
         ["channel-timeout", None, DEFAULT_CHANNEL_TIMEOUT,
          "Seconds a migration waits for its missing channels.", positiveFloat],
         ["connect-timeout", None, DEFAULT_CONNECT_TIMEOUT,
          "Seconds each connection to the destination may take.", positiveFloat],
-        ["progress-interval", None, 10.0, "Seconds between progress log lines.", positiveFloat],
+        # The shared option, but a relay knows no RAM total: no percent, no ETA.
+        [*PROGRESS_PARAMETER[:3],
+         "How to show progress: tty (one status line per migration on stderr, redrawn in place:"
+         " bytes relayed to the destination, rate, channels in), log (a line every"
+         " --progress-interval seconds), off, or auto (tty if stderr is a terminal, else log;"
+         " under twistd always log)."],
+        ["progress-interval", None, 10.0, "Seconds between progress log lines (--progress log).", positiveFloat],
         ["address-file", None, None,
          "Once listening, write the address (tcp:HOST:PORT or unix:PATH) to this file."],
         *TLS_PARAMETERS,
@@ -66,6 +76,10 @@ class RelayOptions(usage.Options):
 
     def postOptions(self) -> None:
         checkTLSOptions(self)
+        try:
+            checkProgressMode(self["progress"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         self.tls = tlsFromOptions(self)
         if not self["to"]:
             raise usage.UsageError("--to is required: where the destination QEMU listens (tcp:HOST:PORT or unix:PATH)")
@@ -96,7 +110,8 @@ def makeRelayFactory(
     )
 
 
-def _listeningService(options: "RelayOptions", reactor: Any, ended: Callable[[RelayResult], None]) -> ListeningService:
+def _listeningService(options: "RelayOptions", reactor: Any, ended: Callable[[RelayResult], None], *,
+                      underTwistd: bool = False) -> ListeningService:
     factory = makeRelayFactory(options, reactor, ended)
     service = ListeningService(
         serverFromString(reactor, options["listen"]), factory,
@@ -104,6 +119,7 @@ def _listeningService(options: "RelayOptions", reactor: Any, ended: Callable[[Re
         description=f"relaying migrations with {factory.channels} multifd channels to {factory.upstreamName},"
                     " main channel first",
         role="relay", tls=getattr(options, "tls", None),
+        progress=resolveProgressMode(options["progress"], sys.stderr, underTwistd),
     )
     if options["status"] is not None:
         from ._status import RelayStatusTracker  # twisted.web only when asked for
@@ -124,7 +140,8 @@ async def runRelay(reactor: Any, options: "RelayOptions") -> int:
         if first is not None and not first.called and result.number == 1:
             first.callback(result)
 
-    result = await runListening(reactor, _listeningService(options, reactor, ended), options["listen"], first)
+    result = await runListening(reactor, _listeningService(options, reactor, ended, underTwistd=False),
+                                options["listen"], first)
     if result is None:
         return 2
     return 0 if result.clean else 1
@@ -139,4 +156,4 @@ def makeRelayService(options: "RelayOptions", reactor: Any) -> IService:
         if options["once"] and result.number == 1:
             reactor.callLater(0, reactor.stop)
 
-    return asTwistdService(_listeningService(options, reactor, ended), reactor, options["listen"])
+    return asTwistdService(_listeningService(options, reactor, ended, underTwistd=True), reactor, options["listen"])
