@@ -482,6 +482,164 @@ def test_readPageWindows(tmp_path, seekData, monkeypatch):
     )
 
 
+def _sparseImage(path: Path, length: int, dataRanges: list[tuple[int, int]]) -> bytes:
+    """
+    Write a sparse image of C{length} bytes, random in C{dataRanges} (byte
+    ranges) and holes elsewhere, as our receiver leaves them; its content.
+    """
+    content = bytearray(length)
+    with open(path, "wb") as f:
+        f.truncate(length)
+        for start, end in dataRanges:
+            content[start:end] = os.urandom(end - start)
+            f.seek(start)
+            f.write(content[start:end])
+    return bytes(content)
+
+
+def _countPreads(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[tuple[int, int]]:
+    """
+    Record (offset, size) of every os.pread of the file at C{path}.
+    """
+    reads: list[tuple[int, int]] = []
+    realPread = os.pread
+    target = os.path.realpath(path)
+
+    def pread(fd: int, size: int, offset: int) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}") == target:
+            reads.append((offset, size))
+        return realPread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    return reads
+
+
+WINDOW = 128 * PAGE
+
+
+def test_readPageWindowsDoesNotReadDataExtents(tmp_path, monkeypatch):
+    """
+    Windows wholly inside a data extent are all data pages and are not read
+    (their data is read when asked, exact); a window with data and holes is
+    read and its zero pages found; C{readData} reads every window with data.
+    """
+    import twisted_multifd._capturereader as reader
+
+    path = tmp_path / "image"
+    ranges = [(0, 2 * WINDOW), (3 * WINDOW + PAGE, 3 * WINDOW + 5 * PAGE)]
+    content = _sparseImage(path, 4 * WINDOW, ranges)
+    block = reader.CaptureBlock("b", len(content), "image", str(path), 0, 0, 0)
+    reads = _countPreads(monkeypatch, path)
+    windows = list(readPageWindows(block, PAGE, 128))
+    assert reads == [(3 * WINDOW, WINDOW)]
+    assert [w.payload is None for w in windows] == [True, True, False, False]
+    assert windows[2].normalOffsets == () and windows[2].payload == b""
+    assert windows[3].normalOffsets == tuple(range(3 * WINDOW + PAGE, 3 * WINDOW + 5 * PAGE, PAGE))
+    assert len(windows[3].zeroOffsets) == 124
+    assert reads == [(3 * WINDOW, WINDOW)]
+    # Read when asked, while the reader is open; not after.
+    lazy = list(readPageWindows(block, PAGE, 128))[:2]
+    assert [w.normalOffsets for w in lazy] == [tuple(range(0, WINDOW, PAGE)), tuple(range(WINDOW, 2 * WINDOW, PAGE))]
+    with pytest.raises(CaptureError, match="read after its reader was done"):
+        _ = lazy[0].data
+    iterator = readPageWindows(block, PAGE, 128)
+    first = next(iterator)
+    assert first.size == WINDOW and first.data == content[:WINDOW]
+    iterator.close()
+    # readData: every window with data is read, as before.
+    del reads[:]
+    windows = list(readPageWindows(block, PAGE, 128, readData=True))
+    assert reads == [(0, WINDOW), (WINDOW, WINDOW), (3 * WINDOW, WINDOW)]
+    assert windows[0].payload == content[:WINDOW] and windows[1].payload == content[WINDOW : 2 * WINDOW]
+
+
+def test_readPageWindowsReadsAnImageWithoutHoles(tmp_path):
+    """
+    An image whose manifest counts zero pages but that has no hole (copied
+    without keeping it sparse) has them written as zeros: extents cannot
+    tell them, so its windows are read and its zero pages found.
+    """
+    import twisted_multifd._capturereader as reader
+
+    content = bytearray(os.urandom(2 * WINDOW))
+    content[5 * PAGE : 6 * PAGE] = bytes(PAGE)
+    path = tmp_path / "image"
+    path.write_bytes(content)
+    block = reader.CaptureBlock("b", len(content), "image", str(path), 255, 1, 0)
+    windows = list(readPageWindows(block, PAGE, 128))
+    assert [w.zeroOffsets for w in windows] == [(5 * PAGE,), ()]
+    assert [w.payload is not None for w in windows] == [True, True]
+    assert b"".join(w.data for w in windows) == bytes(content[: 5 * PAGE] + content[6 * PAGE :])
+
+
+def _sparseRAM(capture: Path) -> tuple[Path, bytes, int]:
+    """
+    Replace the capture's pc.ram image with a sparse one: 50 windows of
+    random data pages (10 and 40 in a row) and a last window of 64 data
+    pages and 64 holes. Its path, content and the bytes of whole data windows.
+    """
+    manifest = json.loads((capture / "manifest.json").read_text())
+    ram = next(block for block in manifest["ram_blocks"] if block["name"] == "pc.ram")
+    path = capture / ram["file"]
+    ranges = [(0, 10 * WINDOW), (40 * WINDOW, 80 * WINDOW), (100 * WINDOW, 100 * WINDOW + 64 * PAGE)]
+    content = _sparseImage(path, ram["length"], ranges)
+    return path, content, 50 * WINDOW
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest_twisted.ensureDeferred
+async def test_dataExtentsGoToTheSocketsUnread(tmp_path, monkeypatch, channels):
+    """
+    Windows inside the image's data extents go from the file to the socket
+    without being read first: only what a socket does not take is read
+    (that part only), so every byte of them is either sent from the file
+    or read once; the window with holes is read. What arrives is the image,
+    page for page.
+    """
+    capture = recordedCapture(tmp_path / "capture", "cap10-4")
+    path, content, wholeWindows = _sparseRAM(capture)
+    sent = []
+    realSendfile = os.sendfile
+
+    def sendfile(out: int, in_: int, offset: int, count: int) -> int:
+        n = realSendfile(out, in_, offset, count)
+        sent.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    reads = _countPreads(monkeypatch, path)
+    result = await sendIntoReceiver(capture, tmp_path / "copy", channels)
+    assert images(tmp_path / "copy")["pc.ram"] == content
+    assert (100 * WINDOW, WINDOW) in reads
+    readOfWholeWindows = sum(size for offset, size in reads) - WINDOW
+    assert readOfWholeWindows + sum(sent) == wholeWindows
+    assert sum(sent) > 0
+    assert result.pagesWithData >= 50 * 128 + 64
+
+
+@pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
+def test_dataExtentsReachInMemoryTransportsExact(tmp_path, compression):
+    """
+    Transports without a socket of their own (as TLS) and compressed
+    channels get the unread windows' bytes, read when needed, exact.
+    """
+    capture = recordedCapture(tmp_path / "capture", "cap10-4")
+    _, content, _ = _sparseRAM(capture)
+    reactor = MemoryReactorClock()
+    d = sendCapture(
+        reactor, str(capture), "tcp:192.0.2.1:4444", channels=2, compression=compression, progressInterval=None
+    )
+    destination = MemoryDestination(reactor, limit=256 * 1024)
+    destination.acceptAll()
+    destination.acceptAll()
+    destination.drainAll()
+    for index in (1, 2, 0):
+        destination.close(index)
+    assert d.result.conventions.compression == compression
+    receive(tmp_path / "copy", [bytes(t.sent) for t in destination.transports], 2)
+    assert images(tmp_path / "copy")["pc.ram"] == content
+
+
 # Bad input: refused before anything connects
 
 

@@ -11,8 +11,9 @@ whatever the manifest describes, incomplete captures included, and lists the
 problems in L{Capture.problems} instead (only a manifest that cannot be read
 at all still raises).
 
-L{readPageWindows} reads a RAM image incrementally, a window of pages at a
-time, skipping holes without reading them.
+L{readPageWindows} goes over a RAM image a window of pages at a time,
+reading only windows with both data and holes: a window in a hole is zero
+pages, one inside a data extent is data pages, read only when asked.
 """
 
 from __future__ import annotations
@@ -513,40 +514,89 @@ def _deviceState(
     return DeviceStateFile(relative, full, length, tuple(sections))
 
 
+def _describePayload(payload: bytes | None) -> str:
+    return "<not read>" if payload is None else f"<{len(payload)} bytes>"
+
+
 @attrs.frozen
 class PageWindow:
     """
-    Consecutive pages of one RAM block, read from its image.
+    Consecutive pages of one RAM block, from its image.
 
     @ivar start: the block offset of the first page.
     @ivar count: how many pages the window covers.
-    @ivar normalOffsets: block offsets of the pages that are not all zero.
+    @ivar normalOffsets: block offsets of the pages sent as data.
     @ivar zeroOffsets: block offsets of the zero pages (also those never sent).
-    @ivar data: the normal pages back to back.
-    @ivar image: when C{data} is the image's bytes from C{start} on (no zero
-        page in the window), the image, open; see L{OpenImage}.
+    @ivar payload: the data pages back to back, as read; L{None} when they
+        were not read (a window wholly inside a data extent of the image:
+        every page is a data page, and C{data} reads them when asked).
+    @ivar image: when the data pages are the image's bytes from C{start} on
+        (no zero page in the window), the image, open; see L{OpenImage}.
+        Always set when C{payload} is L{None}.
     """
 
     start: int
     count: int
     normalOffsets: tuple[int, ...]
     zeroOffsets: tuple[int, ...]
-    data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    payload: bytes | None = attrs.field(repr=_describePayload)
     image: OpenImage | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def size(self) -> int:
+        """
+        The bytes of the data pages, read or not.
+        """
+        if self.payload is not None:
+            return len(self.payload)
+        assert self.image is not None
+        return len(self.normalOffsets) * self.image.pageSize
+
+    @property
+    def data(self) -> bytes:
+        """
+        The data pages back to back; read from the image (on every access)
+        if the window was not read.
+        """
+        if self.payload is not None:
+            return self.payload
+        assert self.image is not None
+        return self.image.read(self.start, self.size)
 
 
 class OpenImage:
     """
     A RAM image open for reading while L{readPageWindows} goes over it.
 
-    A window whose C{data} is the image's bytes from its C{start} on, as
-    they are in the file, names it: a socket can then be given those bytes
-    straight from the file (C{os.sendfile}) instead of from C{data}, for as
-    long as the image is open (C{fd} is -1 once the reader is done).
+    A window whose data pages are the image's bytes from its C{start} on
+    names it: a socket can then be given those bytes straight from the file
+    (C{os.sendfile}), and any part of them read (L{read}) only when needed,
+    for as long as the image is open (C{fd} is -1 once the reader is done).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, block: CaptureBlock, pageSize: int) -> None:
         self.fd = fd
+        self.block = block
+        self.pageSize = pageSize
+
+    def read(self, offset: int, size: int) -> bytes:
+        """
+        C{size} bytes of the image from C{offset}.
+
+        @raise CaptureError: the image is closed, or shorter than that.
+        """
+        block = self.block
+        if self.fd < 0:
+            raise CaptureError(block.path, [
+                f"the image of RAM block {block.name!r} was read after its reader was done"
+            ])
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            raise CaptureError(block.path, [
+                (f"the image of RAM block {block.name!r} ends at {offset + len(data)},"
+                 f" before the block's length {block.length} (did it change?)")
+            ])
+        return data
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
@@ -554,14 +604,29 @@ class OpenImage:
             os.close(fd)
 
 
-def readPageWindows(block: CaptureBlock, pageSize: int, windowPages: int) -> Iterator[PageWindow]:
+def readPageWindows(
+    block: CaptureBlock, pageSize: int, windowPages: int, *, readData: bool = False
+) -> Iterator[PageWindow]:
     """
     The pages of C{block}'s image, C{windowPages} at a time from offset 0
-    (the last window may be shorter). Only one window is held in memory;
-    holes in the image (pages never written: zero, or never sent) are found
-    with C{SEEK_DATA} and not read at all. A window without zero pages names
-    the image (L{PageWindow.image}), open until the reader is done.
+    (the last window may be shorter). Only one window is held in memory.
 
+    The image's extents (C{SEEK_DATA}, C{SEEK_HOLE}) say where pages are
+    without reading them: the receiver leaves zero and never-sent pages as
+    holes. A window wholly in a hole is all zero pages, and not read. A
+    window wholly inside a data extent is all data pages, and not read
+    either (unless C{readData}): its L{PageWindow.data} reads it when asked.
+    Only windows with both are read, and their pages checked for zeros.
+    A page with data that later became zero is written as zeros by the
+    receiver, inside an extent: it is then a data page of zeros, which is
+    what it holds. Extents are trusted only when they can tell zero pages
+    (see L{_extentsTellZeroPages}); otherwise every window with data is read.
+
+    A window without zero pages names the image (L{PageWindow.image}), open
+    until the reader is done.
+
+    @param readData: read every window with data, as before extents were
+        trusted (the data then is in L{PageWindow.payload}).
     @raise CaptureError: the image is shorter than the block, or unreadable.
     """
     windowSize = windowPages * pageSize
@@ -572,11 +637,14 @@ def readPageWindows(block: CaptureBlock, pageSize: int, windowPages: int) -> Ite
         fd = os.open(block.path, os.O_RDONLY)
     except OSError as e:
         raise CaptureError(block.path, [f"the image of RAM block {block.name!r} cannot be opened: {e.strerror}"])
-    image = OpenImage(fd)
+    image = OpenImage(fd, block, pageSize)
     try:
+        trustExtents = not readData and _extentsTellZeroPages(fd, block)
         # First byte of data at or after the last position asked for: no
         # data lies between the two. None: SEEK_DATA is not available.
         nextData: int | None = -1
+        # The end of the data extent found last (from where it was asked).
+        holeAt = -1
         position = 0
         while position < length:
             end = min(position + windowSize, length)
@@ -587,6 +655,14 @@ def readPageWindows(block: CaptureBlock, pageSize: int, windowPages: int) -> Ite
                 yield PageWindow(position, count, (), tuple(range(position, end, pageSize)), b"")
                 position = end
                 continue
+            if trustExtents and nextData == position:
+                if holeAt <= position:
+                    holeAt = _seekHole(fd, position)
+                if holeAt >= end:
+                    # Data all through: every page is a data page, unread.
+                    yield PageWindow(position, count, tuple(range(position, end, pageSize)), (), None, image)
+                    position = end
+                    continue
             data = os.pread(fd, end - position, position)
             if len(data) != end - position:
                 raise CaptureError(block.path, [
@@ -620,6 +696,24 @@ def readPageWindows(block: CaptureBlock, pageSize: int, windowPages: int) -> Ite
         image.close()
 
 
+def _extentsTellZeroPages(fd: int, block: CaptureBlock) -> bool:
+    """
+    Whether the image's data extents can be taken for its data pages: yes
+    if the manifest counts no zero (nor never-sent) page in the block, or
+    if the image has holes at all. An image with zero pages but no hole
+    (copied without keeping it sparse, or on a file system without holes,
+    whose C{SEEK_HOLE} finds only the end) has them written as zeros: its
+    windows are read and checked.
+    """
+    if block.pagesZero + block.pagesNeverSent == 0:
+        return True
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return st.st_blocks * 512 < st.st_size
+
+
 def _seekData(fd: int, position: int) -> int | None:
     try:
         return os.lseek(fd, position, os.SEEK_DATA)
@@ -629,3 +723,14 @@ def _seekData(fd: int, position: int) -> int | None:
         return None  # the file system cannot tell: read everything
     except AttributeError:  # pragma: no cover - platforms without SEEK_DATA
         return None
+
+
+def _seekHole(fd: int, position: int) -> int:
+    """
+    The end of the data extent at C{position} (the next hole, or the end
+    of the file); C{position} itself if that cannot be told.
+    """
+    try:
+        return os.lseek(fd, position, os.SEEK_HOLE)
+    except (OSError, AttributeError):
+        return position

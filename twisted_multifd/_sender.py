@@ -11,8 +11,10 @@ as the transports take them: every connection has a streaming producer, and
 nothing more is read from the capture while the connection it would go to is
 paused, so the image is never held in memory. On plain TCP and UNIX sockets
 the bytes go straight to the socket while its transport holds nothing (a
-window of data pages from the image file with C{os.sendfile}), and only what
-the socket does not take is left to the transport (L{_Connection.write}).
+window of data pages from the image file with C{os.sendfile}, usually
+without ever reading it: see L{readPageWindows}), and only what the socket
+does not take is read and left to the transport
+(L{_Connection.writeFromImage}).
 
 What is sent (docs/send.md has the details):
 
@@ -312,15 +314,39 @@ class MainBytes:
 class PagePacket:
     """
     The pages of one multifd packet (not yet compressed nor numbered).
+
+    @ivar payload: the data pages back to back, or L{None} when they were not
+        read: they are then the image's bytes from the first data page on
+        (C{image}), read only if the packet cannot be sent from the file.
+    @ivar image: the image the data pages are, from the first one on, while
+        it is open: see L{OpenImage}.
     """
 
     block: str
     normalOffsets: tuple[int, ...]
     zeroOffsets: tuple[int, ...]
-    data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
-    # The image C{data} was read from, from the first page on, while it is
-    # open: see L{OpenImage}.
+    payload: bytes | None = attrs.field(repr=lambda d: "<not read>" if d is None else f"<{len(d)} bytes>")
     image: OpenImage | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def size(self) -> int:
+        """
+        The bytes of the data pages, read or not.
+        """
+        if self.payload is not None:
+            return len(self.payload)
+        assert self.image is not None
+        return len(self.normalOffsets) * self.image.pageSize
+
+    @property
+    def data(self) -> bytes:
+        """
+        The data pages, read from the image (on every access) if they were not.
+        """
+        if self.payload is not None:
+            return self.payload
+        assert self.image is not None
+        return self.image.read(self.normalOffsets[0], self.size)
 
 
 class _Sync:
@@ -391,14 +417,15 @@ def _pages(capture: Capture, conventions: SendConventions) -> Iterator[Action]:
             if zeroInPackets:
                 # As QEMU 9.0+ does: every page of the window in one packet,
                 # the zero ones in its zero list.
-                yield PagePacket(name, window.normalOffsets, window.zeroOffsets, window.data)
+                yield PagePacket(name, window.normalOffsets, window.zeroOffsets, window.payload, window.image)
                 continue
             if channels and not pending and not window.zeroOffsets and len(window.normalOffsets) == perPacket:
                 # A window of data pages is exactly one packet: send it as
-                # read, without slicing and joining its pages again. (With
-                # pages pending from an earlier window, packets go on
-                # filling across windows below, as QEMU fills them.)
-                yield PagePacket(name, window.normalOffsets, (), window.data, window.image)
+                # it is in the image, usually unread (see readPageWindows),
+                # without slicing and joining its pages again. (With pages
+                # pending from an earlier window, packets go on filling
+                # across windows below, as QEMU fills them.)
+                yield PagePacket(name, window.normalOffsets, (), window.payload, window.image)
                 continue
             view = memoryview(window.data)
             if not channels:
@@ -503,33 +530,24 @@ class _Connection(Protocol):
             transport.SEND_LIMIT = DIRECT_SEND_LIMIT
         self.sender.connectionMade(self)
 
-    def write(self, *parts: bytes | memoryview, fileRange: tuple[int, int] | None = None) -> None:
+    def write(self, *parts: bytes | memoryview) -> None:
         """
         Write C{parts} in order.
 
         On a plain socket whose transport holds nothing, they go straight to
-        the kernel, from the buffers as they are (a page packet's header and
-        the pages as read: no copy in Python); only what the socket does not
-        take is copied, into the transport, which then pauses us until it
-        has written it. Otherwise (paused, or a transport without a socket
-        of its own) everything goes through the transport.
-
-        C{fileRange} (fd, offset) says the last part is also in that file
-        from that offset on: it is then sent from the file with
-        C{os.sendfile}, which gives the kernel the page cache's pages
-        instead of copying them into the socket. The part itself, as read
-        (and checked for zero pages) before, still backs anything the
-        socket does not take.
+        the kernel, from the buffers as they are (no copy in Python); only
+        what the socket does not take is copied, into the transport, which
+        then pauses us until it has written it. Otherwise (paused, or a
+        transport without a socket of its own) everything goes through the
+        transport.
         """
         size = sum(len(part) for part in parts)
         self.bytesWritten += size
         taken = 0
-        if self.socket is not None and not self.paused and self.lost is None and not self.closing:
+        if self._direct():
+            assert self.socket is not None
             try:
-                if fileRange is None:
-                    taken = self.socket.sendmsg(parts)
-                else:
-                    taken = self._sendWithFile(parts, fileRange)
+                taken = self.socket.sendmsg(parts)
             except BlockingIOError:
                 pass
             except OSError:
@@ -542,27 +560,63 @@ class _Connection(Protocol):
             parts = _after(parts, taken)
         self.transport.write(parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts))
 
-    def _sendWithFile(self, parts: tuple[bytes | memoryview, ...], fileRange: tuple[int, int]) -> int:
+    def writeFromImage(
+        self, header: bytes, image: OpenImage, offset: int, size: int, payload: bytes | None = None
+    ) -> None:
         """
-        Send all but the last of C{parts} with C{sendmsg}, then the last
-        from the file; how many bytes the socket took.
+        Write C{header}, then C{size} bytes of C{image} from C{offset}.
+
+        On a plain socket whose transport holds nothing, the header goes
+        with C{sendmsg} and the bytes straight from the file with
+        C{os.sendfile}, which gives the kernel the page cache's pages: they
+        are never read into Python. Only what the socket does not take is
+        read (that part only, unless C{payload}, the same bytes already
+        read, is given) and left to the transport. Otherwise everything is
+        read and goes through the transport.
+
+        @raise CaptureError: the image could not be read.
+        """
+        self.bytesWritten += len(header) + size
+        taken = 0
+        if self._direct() and image.fd >= 0:
+            try:
+                taken = self._sendWithFile(header, image.fd, offset, size)
+            except BlockingIOError:
+                pass
+            except OSError:
+                pass  # broken: as in write()
+        if taken == len(header) + size:
+            return
+        done = max(0, taken - len(header))
+        if payload is not None:
+            rest: bytes | memoryview = memoryview(payload)[done:]
+        else:
+            rest = image.read(offset + done, size - done)
+        if taken < len(header):
+            self.transport.write(b"".join((memoryview(header)[taken:], rest)))
+        else:
+            self.transport.write(rest if type(rest) is bytes else bytes(rest))
+
+    def _direct(self) -> bool:
+        return self.socket is not None and not self.paused and self.lost is None and not self.closing
+
+    def _sendWithFile(self, header: bytes, fd: int, offset: int, size: int) -> int:
+        """
+        Send C{header} with C{sendmsg}, then C{size} bytes of file C{fd}
+        from C{offset}; how many bytes the socket took.
         """
         assert self.socket is not None
-        head = parts[:-1]
-        headSize = sum(len(part) for part in head)
         # MSG_MORE: the header waits for the pages, as one segment (multifd
         # sockets have TCP_NODELAY).
-        taken = self.socket.sendmsg(head, (), self._moreFlag) if head else 0
-        if taken < headSize:
+        taken = self.socket.sendmsg((header,), (), self._moreFlag)
+        if taken < len(header):
             return taken
-        fd, offset = fileRange
-        count = len(parts[-1])
         try:
-            sent = os.sendfile(self.socket.fileno(), fd, offset, count)
+            sent = os.sendfile(self.socket.fileno(), fd, offset, size)
         except OSError:
-            # Full (EAGAIN), or broken: the part goes to the transport, whose
-            # own write then meets any error. A short count (the file shrank
-            # since it was read) is made up from the part too.
+            # Full (EAGAIN), or broken: the rest goes to the transport, whose
+            # own write then meets any error. A short count (the file shrank)
+            # is read for the transport, and that read fails clearly.
             sent = 0
         return taken + sent
 
@@ -812,25 +866,33 @@ class _Sender:
         channel = self._idleChannel()
         if channel is None:
             return None
-        payload = action.data
         assert channel.channelID is not None
         compressor = self._compressors[channel.channelID]
-        fileRange: tuple[int, int] | None = None
-        if compressor is not None and payload:
-            payload = compressor.compress(payload)
-        elif action.image is not None and action.image.fd >= 0:
-            fileRange = (action.image.fd, action.normalOffsets[0])
-        # The header and offsets, then the payload as its own buffer (or
-        # straight from the image): the pages are not copied into one packet.
+        size = action.size
+        image = action.image
+        payload: bytes | None = None
+        if compressor is not None and size:
+            payload = compressor.compress(action.data)
+            size = len(payload)
+        elif image is None or image.fd < 0 or channel.socket is None:
+            # No file to send from, or no socket to send it to (TLS, the
+            # tests' in-memory transports): the bytes themselves.
+            payload = action.data
+        # The header and offsets, then the payload as its own buffer or
+        # straight from the image: the pages are not copied into one packet.
         header = buildRamPacket(
             pageSize=self._pageSize, flags=self._flags, packetNum=self._nextPacketNum(),
             block=action.block, normalOffsets=action.normalOffsets, zeroOffsets=action.zeroOffsets,
-            nextPacketSize=len(payload),
+            nextPacketSize=size,
         )
-        channel.write(header, payload, fileRange=fileRange)
+        if payload is None:
+            assert image is not None
+            channel.writeFromImage(header, image, action.normalOffsets[0], size, action.payload)
+        else:
+            channel.write(header, payload)
         self._packets += 1
         self._countPages(len(action.normalOffsets) + len(action.zeroOffsets), len(action.normalOffsets))
-        return len(header) + len(payload)
+        return len(header) + size
 
     def _idleChannel(self) -> _Connection | None:
         """
