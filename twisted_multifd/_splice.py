@@ -5,7 +5,7 @@ with splice(2) through a pipe, never copying them into Python.
 Relaying through C{recv} and C{send} copies every byte out of the kernel and
 back in, and costs a Python C{bytes} and a few reactor calls per read; on a
 small machine that shares its CPUs with the source and the destination QEMU
-it makes the relayed migration CPU-bound (docs/performance-relay.md). With
+it makes the relayed migration CPU-bound (docs/performance.md#relay). With
 C{splice} the kernel moves page references from the source socket into a
 pipe and from the pipe into the destination socket.
 
