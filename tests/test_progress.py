@@ -305,7 +305,7 @@ def test_terminalProgressOfARelayedMigration() -> None:
     for _ in range(4):
         relayed.toDestination += 512 * 1024
         clock.advance(0.25)
-    assert terminal.screen().text == "migration 1 from a: relaying, 2.0 MiB received, 2.0 MiB/s, 2/3 channels"
+    assert terminal.screen().text == "migration 1 from a: relaying, 2.0 MiB relayed, 2.0 MiB/s, 2/3 channels"
 
 
 # Choosing

@@ -909,7 +909,7 @@ def test_relayedMigrationOnATerminal(monkeypatch: Any) -> None:
 
     wires = assemble(relay, [0])
     relay.reactor.advance(0.25)
-    assert terminal.screen().text == "migration 1 from 192.0.2.1: assembling, 0 B received, -- /s, 1/2 channels"
+    assert terminal.screen().text == "migration 1 from 192.0.2.1: assembling, 0 B relayed, -- /s, 1/2 channels"
     wires["main"] = relay.source(MAIN_START)
     upstreams = connectAll(relay, 1)
     early = len(MAIN_START) + len(multifdStart(0))
@@ -918,7 +918,7 @@ def test_relayedMigrationOnATerminal(monkeypatch: Any) -> None:
         wires[0].send(b"c" * 128 * 1024)
         relay.reactor.advance(0.25)
     assert terminal.screen().rows == [
-        "migration 1 from 192.0.2.1: relaying, 2.0 MiB received, 1.0 MiB/s, 2/2 channels"]
+        "migration 1 from 192.0.2.1: relaying, 2.0 MiB relayed, 1.0 MiB/s, 2/2 channels"]
     assert sum(len(u.written) for u in upstreams) == early + 2 * 1024 * 1024
 
     for wire in [wires["main"], wires[0], *upstreams]:
@@ -1083,7 +1083,7 @@ def test_commandDrawsAStatusLineOnATerminal(tmp_path: Path) -> None:
         main.sendall(migration.streams[0][: half[0]])
         channel.sendall(migration.streams[1][: half[1]])
         before = _readTerminal(master, process, lambda text: re.search(
-            r"migration 1 from 127\.0\.0\.1: relaying, [\d.]+ [KM]iB received, [^,]+/s, 2/2 channels", text))
+            r"migration 1 from 127\.0\.0\.1: relaying, [\d.]+ [KM]iB relayed, [^,]+/s, 2/2 channels", text))
         main.sendall(migration.streams[0][half[0]:])
         channel.sendall(migration.streams[1][half[1]:])
         for s in (main, channel):

@@ -104,6 +104,7 @@ def formatProgress(
     doneRate: float | None,
     channels: int,
     expectedChannels: int,
+    moved: str = "received",
 ) -> str:
     """
     One status line: C{"migration 1 from 10.0.0.5: loading 42% of 4.00 GiB,
@@ -116,6 +117,8 @@ def formatProgress(
     @param doneRate: bytes of RAM per second lately (the ETA's speed).
     @param channels: channels connected now; C{expectedChannels} of them make
         the migration (the main channel and the multifd channels).
+    @param moved: what happened to the C{received} bytes (a relay's are
+        "relayed" to the destination).
     """
     parts = [f"{label}: {state}"]
     if total:
@@ -125,7 +128,7 @@ def formatProgress(
             parts[0] += f" {100 * done / total:3.0f}% of {formatSize(total)}"
         else:
             parts[0] += f" 100% of {formatSize(total)}, resending dirty pages"
-    parts.append(f"{formatSize(received)} received")
+    parts.append(f"{formatSize(received)} {moved}")
     parts.append("-- /s" if rate is None else f"{formatSize(rate)}/s")
     if total and done < total:
         if doneRate:
@@ -220,7 +223,7 @@ def _relayedLineOf(migration: Any, snapshot: dict[str, Any], tracked: _Tracked) 
         migration.label, snapshot.get("state", "?"), done=0, total=None, received=relayed,
         rate=tracked.received.rate(), doneRate=None,
         channels=sum(c.get("state") not in ("waiting", "closed") for c in connections),
-        expectedChannels=len(connections),
+        expectedChannels=len(connections), moved="relayed",
     )
 
 
