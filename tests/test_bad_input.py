@@ -1041,3 +1041,33 @@ def test_pageSizeOtherThan4096(tmp_path: Path, convention: str, channels: int, a
     receiver = receive(tmp_path, m, **({} if announced else {"pageSize": 8192}))
     manifest = receiver.assertComplete(m)
     assert manifest["page_size"] == 8192
+
+
+def test_initPacketTooSlowSaysWhy(tmp_path: Path) -> None:
+    """
+    A multifd channel that sends part of its initial packet and then
+    nothing is dropped at the sniff timeout, and the migration's error says
+    so (not only that the connection was aborted).
+    """
+    from twisted.internet.task import Clock
+
+    from twisted_multifd import MigrationReceiverFactory
+    from twisted_multifd.testing import MigrationPump, RecordingSink
+
+    m = build(channels=2)
+    clock = Clock()
+    results: list = []
+    factory = MigrationReceiverFactory(lambda info: RecordingSink(), channels=2, clock=clock,
+                                       onMigrationEnded=results.append, sniffTimeout=5.0)
+    pump = MigrationPump(factory, clock=clock, host="192.0.2.7")
+    pump.connect(m.streams[1], close=False)
+    pump.connect(m.streams[2][:30], close=False)
+    while pump.pump():
+        pass
+    clock.advance(5.0)
+    while pump.pump():
+        pass
+    [result] = results
+    assert "multifd channel from 192.0.2.7" in result.error
+    assert "before its 64-byte initial packet" in result.error
+    assert "it sent 30 of the 64 bytes of its initial packet in 5 s (the sniff timeout)" in result.error

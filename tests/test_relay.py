@@ -585,6 +585,8 @@ def test_multifdChannelShortOfItsInitialPacketIsDroppedAtTheSniffTimeout() -> No
     [result] = relay.results
     assert not result.clean
     assert result.error.startswith("multifd channel from 192.0.2.1:40002: the source connection was lost")
+    # The migration's error says why, not only that the connection went.
+    assert "it sent 40 of the 64 bytes of its initial packet in 5 s (the sniff timeout)" in result.error
 
 
 @pytest.mark.parametrize(

@@ -336,7 +336,8 @@ class MultiFDChannel(_Channel):
         if migration is None:
             self.receiver.strayChannelLost(self, ConnectionClosed(
                 f"connection ended after {self.parser.consumed + self.parser.buffered} bytes,"
-                f" before its {INIT_PACKET_SIZE}-byte initial packet",
+                f" before its {INIT_PACKET_SIZE}-byte initial packet"
+                f" ({self._lost.getErrorMessage() if self._lost else ''})",
                 connection=self.label,
             ))
             return

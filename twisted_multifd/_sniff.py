@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 from weakref import ref
 
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -149,6 +150,8 @@ class ChannelSniffer(Protocol):
 
     # Bytes a multifd channel still owes of its initial packet after hand-off.
     _owed = 0
+    # Why this sniffer dropped a handed-over connection, for its protocol.
+    _dropReason: str | None = None
 
     def __init__(
         self,
@@ -206,6 +209,9 @@ class ChannelSniffer(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         self._stopWaiting()
         if self.delegate is not None:
+            if self._dropReason is not None:
+                # Say why, rather than only that it was aborted locally.
+                reason = Failure(ConnectionAborted(self._dropReason))
             self.delegate.connectionLost(reason)
         elif self._buffer:
             log.warn("connection from {peer} closed after {n} bytes ({hex}), before its channel type was known",
@@ -214,6 +220,10 @@ class ChannelSniffer(Protocol):
     def _timedOut(self) -> None:
         self._deadlines = None
         if self.delegate is not None:
+            self._dropReason = (
+                f"it sent {INIT_PACKET_SIZE - self._owed} of the {INIT_PACKET_SIZE} bytes of its initial"
+                f" packet in {self._timeout:g} s (the sniff timeout)"
+            )
             log.warn(
                 "connection from {peer}: multifd channel sent {n} of the {size} bytes of its initial packet"
                 " in {timeout:g} s; dropping it",
