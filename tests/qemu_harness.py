@@ -856,48 +856,54 @@ def write_junk_file(path: Path, size: int = RAM_SIZE) -> Path:
 # --------------------------------------------------------------------------
 
 
-class ReceiverProcess(ManagedProcess):
-    """``python -m twisted_multifd receive --once``, run as a user would
-    (or, with ``once=False``, as a service: one sub-folder of ``output`` per
-    migration)."""
+class CommandProcess(ManagedProcess):
+    """``python -m twisted_multifd ARGS`` (``send``, ``export``, ...), run as a user would.
+
+    ``python_args`` go between the interpreter and ``-m twisted_multifd``
+    (e.g. ``-m cProfile -o FILE``); ``root`` is the folder holding the
+    ``twisted_multifd`` package to run (a frozen copy, say), first on the
+    path and the working directory."""
 
     def __init__(
         self,
         name: str,
-        channels: int,
-        output: Path,
+        args: Sequence[str],
         log_dir: Path,
-        extra_args: Sequence[str] = (),
-        python_args: Sequence[str] = (),
         root: Path = REPO_ROOT,
-        once: bool = True,
+        python_args: Sequence[str] = (),
     ) -> None:
-        """``python_args`` go between the interpreter and ``-m twisted_multifd``
-        (e.g. ``-m cProfile -o FILE`` to profile the receiver); ``root`` is the
-        folder holding the ``twisted_multifd`` package to run (a frozen copy,
-        say), first on the path and the working directory."""
-        self.output = output
-        self.once = once
-        self.address_file = log_dir / f"{name}.address"
-        argv = [
-            sys.executable, *python_args, "-m", "twisted_multifd", "receive",
-            "--listen", "tcp:0:interface=127.0.0.1",
-            "--channels", str(channels),
-            "--output", str(output),
-            *(["--once"] if once else []),
-            "--address-file", str(self.address_file),
-            *extra_args,
-        ]  # fmt: skip
+        argv = [sys.executable, *python_args, "-m", "twisted_multifd", *args]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
         super().__init__(name, argv, log_dir, env=env, cwd=root)
 
+
+class ListeningProcess(CommandProcess):
+    """A listening command (``receive``, ``relay``) on an ephemeral loopback
+    port, which writes its address to ``--address-file``."""
+
+    role = "command"
+
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        log_dir: Path,
+        root: Path = REPO_ROOT,
+        python_args: Sequence[str] = (),
+    ) -> None:
+        self.address_file = log_dir / f"{name}.address"
+        command, *rest = args
+        super().__init__(name, [
+            command, "--listen", "tcp:0:interface=127.0.0.1", "--address-file", str(self.address_file), *rest,
+        ], log_dir, root, python_args)  # fmt: skip
+
     def wait_for_address(self, timeout: float = START_TIMEOUT) -> str:
-        """The ``tcp:127.0.0.1:PORT`` the receiver wrote once listening.
+        """The ``tcp:127.0.0.1:PORT`` the process wrote once listening.
 
         Polls the file (there is no event to wait on) and fails fast, with
-        the receiver's stderr, if the process exits first.
+        the process's stderr, if it exits first.
         """
         address = ""
 
@@ -911,11 +917,37 @@ class ReceiverProcess(ManagedProcess):
                 address = text
                 return True
             if not self.alive():
-                raise HarnessError(f"receiver exited before writing its address file\n{self.describe(1.0)}")
+                raise HarnessError(f"{self.role} exited before writing its address file\n{self.describe(1.0)}")
             return False
 
         poll_until(ready, timeout, f"{self.address_file} to hold the listening address", self.describe)
         return address
+
+
+class ReceiverProcess(ListeningProcess):
+    """``python -m twisted_multifd receive --once``, run as a user would
+    (or, with ``once=False``, as a service: one sub-folder of ``output`` per
+    migration)."""
+
+    role = "receiver"
+
+    def __init__(
+        self,
+        name: str,
+        channels: int,
+        output: Path,
+        log_dir: Path,
+        extra_args: Sequence[str] = (),
+        python_args: Sequence[str] = (),
+        root: Path = REPO_ROOT,
+        once: bool = True,
+    ) -> None:
+        self.output = output
+        self.once = once
+        super().__init__(name, [
+            "receive", "--channels", str(channels), "--output", str(output),
+            *(["--once"] if once else []), *extra_args,
+        ], log_dir, root, python_args)  # fmt: skip
 
     def manifest(self) -> dict[str, Any]:
         path = self.output / "manifest.json"
@@ -928,15 +960,23 @@ class ReceiverProcess(ManagedProcess):
         return manifest
 
 
-class CommandProcess(ManagedProcess):
-    """``python -m twisted_multifd ARGS`` (``send``, ``export``, ...), run as a user would."""
+class RelayProcess(ListeningProcess):
+    """``python -m twisted_multifd relay --once`` to ``destination``, run as a user would."""
 
-    def __init__(self, name: str, args: Sequence[str], log_dir: Path, root: Path = REPO_ROOT) -> None:
-        argv = [sys.executable, "-m", "twisted_multifd", *args]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        super().__init__(name, argv, log_dir, env=env, cwd=root)
+    role = "relay"
+
+    def __init__(
+        self,
+        name: str,
+        destination: str,
+        channels: int,
+        log_dir: Path,
+        extra_args: Sequence[str] = (),
+        root: Path = REPO_ROOT,
+    ) -> None:
+        super().__init__(name, [
+            "relay", "--to", destination, "--channels", str(channels), "--once", *extra_args,
+        ], log_dir, root)  # fmt: skip
 
 
 # --------------------------------------------------------------------------

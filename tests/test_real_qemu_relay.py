@@ -19,27 +19,23 @@ lost.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import qemu_harness
 from qemu_harness import (
     LEGACY_WINDOW,
     MAIN_MAGIC,
     MIGRATION_TIMEOUT,
     MULTIFD_MAGIC,
     RAM_SIZE,
-    REPO_ROOT,
-    START_TIMEOUT,
     HarnessError,
-    ManagedProcess,
     MigrationSettings,
     QemuBinary,
     QemuLab,
@@ -58,44 +54,8 @@ STILL_INMIGRATE_FOR = 2.0
 """How long the 7.2 destination is watched staying ``inmigrate`` after the error."""
 
 
-class RelayProcess(ManagedProcess):
-    """``python -m twisted_multifd relay --once``, run as a user would."""
-
-    def __init__(
-        self, name: str, destination: str, channels: int, log_dir: Path, extra_args: Sequence[str] = ()
-    ) -> None:
-        self.address_file = log_dir / f"{name}.address"
-        argv = [
-            sys.executable, "-m", "twisted_multifd", "relay",
-            "--listen", "tcp:0:interface=127.0.0.1",
-            "--to", destination,
-            "--channels", str(channels),
-            "--once",
-            "--address-file", str(self.address_file),
-            *extra_args,
-        ]  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        super().__init__(name, argv, log_dir, env=env, cwd=REPO_ROOT)
-
-    def wait_for_address(self, timeout: float = START_TIMEOUT) -> str:
-        address = ""
-
-        def ready() -> bool:
-            nonlocal address
-            try:
-                address = self.address_file.read_text().strip()
-            except FileNotFoundError:
-                address = ""
-            if re.fullmatch(r"tcp:127\.0\.0\.1:[1-9]\d*", address):
-                return True
-            if not self.alive():
-                raise HarnessError(f"relay exited before writing its address file\n{self.describe(1.0)}")
-            return False
-
-        poll_until(ready, timeout, f"{self.address_file} to hold the listening address", self.describe)
-        return address
+class RelayProcess(qemu_harness.RelayProcess):
+    """The harness's relay process, with what these tests look at."""
 
     def memory_kib(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) in KiB from /proc/PID/status."""
