@@ -122,26 +122,35 @@ def parse_channels(text: str) -> list[int]:
     return channels
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, workdir_help: str) -> None:
+    """
+    The options every QEMU-against-ours benchmark (receive, send, relay) has.
+    """
     parser.add_argument("--size", type=parse_size, default=parse_size("1G"), help="guest RAM (default 1G)")
     parser.add_argument(
         "--channels", type=parse_channels, default=[1, 2, 4], help="multifd channel counts (default 1,2,4)"
     )
     parser.add_argument("--runs", type=int, default=5, help="runs of each kind per channel count (default 5)")
-    parser.add_argument("--qemu", default="10.0", help="QEMU build for source and destination (default 10.0)")
+    parser.add_argument("--qemu", default="10.0", help="QEMU build for every source and destination (default 10.0)")
     parser.add_argument(
         "--workdir",
         type=Path,
         default=Path(os.environ.get("TMF_BENCH_WORKDIR", "/var/tmp/twisted-multifd-bench")),
-        help="backing file, captures (deleted per run), logs, results (default /var/tmp/twisted-multifd-bench)",
+        help=workdir_help,
     )
     parser.add_argument(
         "--max-bandwidth",
         type=int,
         default=UNLIMITED_BANDWIDTH,
-        help="source max-bandwidth in bytes/s (default 1 TiB/s = unthrottled)",
+        help="QEMU source max-bandwidth in bytes/s (default 1 TiB/s = unthrottled)",
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one migration may take (default 300)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(
+        parser, "backing file, captures (deleted per run), logs, results (default /var/tmp/twisted-multifd-bench)"
+    )
     parser.add_argument(
         "--verify",
         choices=("first", "all", "none"),
@@ -677,11 +686,7 @@ def _run_receiver(
     finally:
         shutil.rmtree(capture_parent, ignore_errors=True)
         if spy is not None:
-            try:
-                spy.wait(30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait(5)
+            stop_py_spy(spy)
     return result
 
 
@@ -752,6 +757,15 @@ def _start_py_spy(pid: int, output: Path, run_dir: Path) -> subprocess.Popen[byt
     if spy.poll() is not None:
         raise HarnessError(f"py-spy exited with {spy.returncode}: {(run_dir / 'py-spy.log').read_text()[-2000:]}")
     return spy
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    """Wait for py-spy to write its output (it stops with its target); kill it if it does not."""
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait(5)
 
 
 def summarize_cprofile(path: Path, limit: int = 20) -> str:
@@ -878,14 +892,33 @@ RUN_HEADER = (
 # --------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
+def qemu_for(args: argparse.Namespace) -> QemuBinary | None:
+    """The QEMU build of C{--qemu}, or L{None} (said on stderr) for bad options."""
     if args.runs < 1:
         print("--runs must be at least 1", file=sys.stderr)
-        return 2
+        return None
     try:
-        qemu = find_qemu(args.qemu)
+        return find_qemu(args.qemu)
     except (HarnessError, ValueError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
+        return None
+
+
+def code_fact(version: dict[str, Any]) -> str:
+    """The measured commit, as the "code" line of the machine facts."""
+    return f"{version['commit']} {version['subject'][:60]!r}" + (
+        " + uncommitted library changes" if version["library_uncommitted_changes"] else ""
+    )
+
+
+def bench_command(name: str) -> str:
+    """The command line this benchmark was started with, as printed and recorded."""
+    return f"python -m bench {name} " + " ".join(sys.argv[2:] if sys.argv[1:2] == [name] else sys.argv[1:])
+
+
+def run(args: argparse.Namespace) -> int:
+    qemu = qemu_for(args)
+    if qemu is None:
         return 2
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -899,12 +932,10 @@ def run(args: argparse.Namespace) -> int:
     version = code_version()
     code_root, measured = snapshot_library(workdir)
     version["measured_fingerprint"] = measured
-    facts["code"] = f"{version['commit']} {version['subject'][:60]!r}" + (
-        " + uncommitted library changes" if version["library_uncommitted_changes"] else ""
-    )
+    facts["code"] = code_fact(version)
     if measured != version["library_fingerprint"]:
         facts["code"] += " (changed while starting; measured the copy taken just after)"
-    command = "python -m bench receive " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["receive"] else sys.argv[1:])
+    command = bench_command("receive")
     print(f"command: {command}")
     for key, value in facts.items():
         print(f"{key}: {value}")

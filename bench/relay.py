@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -38,8 +36,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from qemu_harness import HarnessError, QemuLab, RelayProcess
+
 from bench.receive import (
-    UNLIMITED_BANDWIDTH,
+    RUN_HEADER,
     Context,
     RunResult,
     Window,
@@ -51,82 +51,28 @@ from bench.receive import (
     _source_stats,
     _start_py_spy,
     _stats,
+    add_common_arguments,
+    bench_command,
+    code_fact,
     code_version,
     ensure_backing_file,
     machine_facts,
-    parse_channels,
-    parse_size,
+    qemu_for,
     run_line,
     run_qemu_destination,
     snapshot_library,
+    stop_py_spy,
     summarize_py_spy,
     wait_for_completion,
     wait_for_quiet,
-    RUN_HEADER,
 )
-from qemu_harness import START_TIMEOUT, HarnessError, ManagedProcess, QemuLab, find_qemu, poll_until
 
 RELAY_EXIT_TIMEOUT = 30.0
 """Seconds the relay may take, after the destination's ``completed``, to see every connection closed."""
 
 
-class RelayProcess(ManagedProcess):
-    """``python -m twisted_multifd relay --once`` from the frozen copy of the library."""
-
-    def __init__(self, name: str, upstream: str, channels: int, log_dir: Path, root: Path) -> None:
-        self.address_file = log_dir / f"{name}.address"
-        argv = [
-            sys.executable, "-m", "twisted_multifd", "relay",
-            "--listen", "tcp:0:interface=127.0.0.1",
-            "--to", upstream,
-            "--channels", str(channels),
-            "--once",
-            "--address-file", str(self.address_file),
-        ]  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        super().__init__(name, argv, log_dir, env=env, cwd=root)
-
-    def wait_for_address(self, timeout: float = START_TIMEOUT) -> str:
-        address = ""
-
-        def ready() -> bool:
-            nonlocal address
-            try:
-                address = self.address_file.read_text().strip()
-            except FileNotFoundError:
-                address = ""
-            if re.fullmatch(r"tcp:127\.0\.0\.1:[1-9]\d*", address):
-                return True
-            if not self.alive():
-                raise HarnessError(f"relay exited before writing its address file\n{self.describe(1.0)}")
-            return False
-
-        poll_until(ready, timeout, f"{self.address_file} to hold the listening address", self.describe)
-        return address
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=parse_size, default=parse_size("1G"), help="guest RAM (default 1G)")
-    parser.add_argument(
-        "--channels", type=parse_channels, default=[1, 2, 4], help="multifd channel counts (default 1,2,4)"
-    )
-    parser.add_argument("--runs", type=int, default=5, help="runs of each kind per channel count (default 5)")
-    parser.add_argument("--qemu", default="10.0", help="QEMU build for source and destination (default 10.0)")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(os.environ.get("TMF_BENCH_WORKDIR", "/var/tmp/twisted-multifd-bench")),
-        help="backing file, logs, results (default /var/tmp/twisted-multifd-bench)",
-    )
-    parser.add_argument(
-        "--max-bandwidth",
-        type=int,
-        default=UNLIMITED_BANDWIDTH,
-        help="source max-bandwidth in bytes/s (default 1 TiB/s = unthrottled)",
-    )
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds one migration may take (default 300)")
+    add_common_arguments(parser, "backing file, logs, results (default /var/tmp/twisted-multifd-bench)")
     parser.add_argument(
         "--py-spy",
         type=int,
@@ -167,7 +113,7 @@ def _run_relayed(ctx: Context, channels: int, index: int, py_spy: Path | None) -
     try:
         with QemuLab(run_dir) as lab:
             destination, upstream = lab.start_destination(ctx.qemu, settings, ram_size=ctx.size)
-            relay = RelayProcess("relay", upstream, channels, lab.log_dir, ctx.code_root)
+            relay = RelayProcess("relay", upstream, channels, lab.log_dir, root=ctx.code_root)
             address = relay.wait_for_address()
             if py_spy is not None:
                 spy = _start_py_spy(relay.popen.pid, py_spy, run_dir)
@@ -212,11 +158,7 @@ def _run_relayed(ctx: Context, channels: int, index: int, py_spy: Path | None) -
         if relay is not None:
             relay.close()
         if spy is not None:
-            try:
-                spy.wait(30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait(5)
+            stop_py_spy(spy)
     return result
 
 
@@ -251,13 +193,8 @@ def summary_table(results: list[RunResult], channel_counts: list[int]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.runs < 1:
-        print("--runs must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        qemu = find_qemu(args.qemu)
-    except (HarnessError, ValueError) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+    qemu = qemu_for(args)
+    if qemu is None:
         return 2
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -268,10 +205,8 @@ def run(args: argparse.Namespace) -> int:
     facts = machine_facts(qemu)
     version = code_version()
     code_root, measured = snapshot_library(workdir)
-    facts["code"] = f"{version['commit']} {version['subject'][:60]!r}" + (
-        " + uncommitted library changes" if version["library_uncommitted_changes"] else ""
-    )
-    command = "python -m bench relay " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["relay"] else sys.argv[1:])
+    facts["code"] = code_fact(version)
+    command = bench_command("relay")
     print(f"command: {command}")
     for key, value in facts.items():
         print(f"{key}: {value}")

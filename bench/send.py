@@ -60,12 +60,10 @@ from qemu_harness import (
     HarnessTimeout,
     QemuLab,
     QemuVM,
-    find_qemu,
 )
 
 from bench.receive import (
     RSS_SAMPLE_INTERVAL,
-    UNLIMITED_BANDWIDTH,
     Context,
     RunResult,
     Window,
@@ -79,13 +77,16 @@ from bench.receive import (
     _record_failure,
     _start_py_spy,
     _stats,
+    add_common_arguments,
+    bench_command,
+    code_fact,
     code_version,
     ensure_backing_file,
     machine_facts,
-    parse_channels,
-    parse_size,
+    qemu_for,
     run_qemu_destination,
     snapshot_library,
+    stop_py_spy,
     summarize_cprofile,
     summarize_py_spy,
     wait_for_completion,
@@ -111,23 +112,7 @@ _cli.main(["send", *sys.argv[2:]])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=parse_size, default=parse_size("1G"), help="guest RAM (default 1G)")
-    parser.add_argument(
-        "--channels", type=parse_channels, default=[1, 2, 4], help="multifd channel counts (default 1,2,4)"
-    )
-    parser.add_argument("--runs", type=int, default=5, help="runs of each kind per channel count (default 5)")
-    parser.add_argument("--qemu", default="10.0", help="QEMU build for source and destinations (default 10.0)")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(os.environ.get("TMF_BENCH_WORKDIR", "/var/tmp/twisted-multifd-bench")),
-        help="backing file (shared with bench receive); captures, logs, results under WORKDIR/send",
-    )
-    parser.add_argument(
-        "--max-bandwidth", type=int, default=UNLIMITED_BANDWIDTH,
-        help="QEMU source max-bandwidth in bytes/s (default 1 TiB/s = unthrottled)",
-    )
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds one migration may take (default 300)")
+    add_common_arguments(parser, "backing file (shared with bench receive); captures, logs, results under WORKDIR/send")
     parser.add_argument(
         "--verify", choices=("first", "all", "none"), default="first",
         help="pmemsave of the destination after send vs. the backing file: first run per channel count "
@@ -361,11 +346,7 @@ def run_send(
         if sender is not None:
             sender.close()
         if spy is not None:
-            try:
-                spy.wait(30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                spy.wait(5)
+            stop_py_spy(spy)
     return result
 
 
@@ -433,13 +414,8 @@ def backing_digest_outside_window(backing: Path, size: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.runs < 1:
-        print("--runs must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        qemu = find_qemu(args.qemu)
-    except (HarnessError, ValueError) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
+    qemu = qemu_for(args)
+    if qemu is None:
         return 2
     workdir: Path = args.workdir
     base = workdir / "send"
@@ -450,14 +426,12 @@ def run(args: argparse.Namespace) -> int:
     facts = machine_facts(qemu)
     version = code_version()
     code_root, measured = snapshot_library(base)
-    facts["code"] = f"{version['commit']} {version['subject'][:60]!r}" + (
-        " + uncommitted library changes" if version["library_uncommitted_changes"] else ""
-    )
+    facts["code"] = code_fact(version)
     if args.code is not None:
         # The captures are still made with the work tree's receiver (the copy
         # above); only send runs from the given package.
         facts["send code"] = f"{args.code} (fingerprint {_fingerprint(args.code / 'twisted_multifd')})"
-    command = "python -m bench send " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["send"] else sys.argv[1:])
+    command = bench_command("send")
     print(f"command: {command}")
     for key, value in facts.items():
         print(f"{key}: {value}")
