@@ -14,11 +14,17 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from ._compression import SUPPORTED_COMPRESSION
-from ._progress import PROGRESS_PARAMETER, checkProgressMode, resolveProgressMode
-from ._options import DEFAULT_LISTEN, TLS_PARAMETERS, checkTLSOptions, channelCount, positiveFloat
+from ._progress import PROGRESS_PARAMETER, resolveProgressMode
+from ._options import DEFAULT_LISTEN, TLS_PARAMETERS, channelCount, positiveFloat
 from ._records import MigrationResult
 from ._capture import captureIsComplete
-from ._service import ListeningService, tlsFromOptions, asTwistdService, makeReceiverFactory, runListening
+from ._service import (
+    ListeningService,
+    asTwistdService,
+    checkListeningOptions,
+    makeReceiverFactory,
+    runListening,
+)
 
 
 def nonNegativeFloat(value: str) -> float:
@@ -89,20 +95,10 @@ class ReceiveOptions(usage.Options):
         return makeReceiveService(self, reactor)
 
     def postOptions(self) -> None:
-        checkTLSOptions(self)
-        try:
-            checkProgressMode(self["progress"])
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from None
+        checkListeningOptions(self)
         if self["max-waiting-channels"] < self["channels"] + 1:
             raise usage.UsageError(
                 f"--max-waiting-channels must be at least --channels + 1 ({self['channels'] + 1})")
-        self.tls = tlsFromOptions(self)
-        if self["status"] is not None:
-            try:
-                serverFromString(None, self["status"])  # syntax only; the reactor comes later
-            except (ValueError, TypeError, KeyError) as e:
-                raise usage.UsageError(f"--status {self['status']!r} is not a server endpoint: {e}")
         if self["compression"] != "auto" and self["compression"] not in SUPPORTED_COMPRESSION:
             raise usage.UsageError(
                 f"--compression must be auto, {', '.join(SUPPORTED_COMPRESSION)}; not {self['compression']!r}"

@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.python import usage
 
-from ._progress import PROGRESS_PARAMETER, checkProgressMode, resolveProgressMode
-from ._options import DEFAULT_LISTEN, TLS_PARAMETERS, checkTLSOptions, channelCount, positiveFloat
+from ._progress import PROGRESS_PARAMETER, resolveProgressMode
+from ._options import DEFAULT_LISTEN, TLS_PARAMETERS, channelCount, positiveFloat
 from ._relay import (
     DEFAULT_CHANNEL_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
@@ -22,7 +22,7 @@ from ._relay import (
     RelayFactory,
     RelayResult,
 )
-from ._service import ListeningService, tlsFromOptions, asTwistdService, runListening
+from ._service import ListeningService, asTwistdService, checkListeningOptions, runListening
 
 
 class RelayOptions(usage.Options):
@@ -75,12 +75,7 @@ class RelayOptions(usage.Options):
         return makeRelayService(self, reactor)
 
     def postOptions(self) -> None:
-        checkTLSOptions(self)
-        try:
-            checkProgressMode(self["progress"])
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from None
-        self.tls = tlsFromOptions(self)
+        checkListeningOptions(self)
         if not self["to"]:
             raise usage.UsageError("--to is required: where the destination QEMU listens (tcp:HOST:PORT or unix:PATH)")
         try:
@@ -89,11 +84,6 @@ class RelayOptions(usage.Options):
             clientFromString(None, self["to"])
         except (ValueError, TypeError, KeyError) as e:
             raise usage.UsageError(f"--to {self['to']!r} is not a client endpoint: {e}")
-        if self["status"] is not None:
-            try:
-                serverFromString(None, self["status"])  # syntax only, as above
-            except (ValueError, TypeError, KeyError) as e:
-                raise usage.UsageError(f"--status {self['status']!r} is not a server endpoint: {e}")
 
 
 def makeRelayFactory(

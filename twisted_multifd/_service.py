@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
@@ -20,7 +21,8 @@ from twisted.python import usage
 from ._capture import CaptureWriter
 from ._errors import MigrationError
 from ._options import MultifdOptions as Options
-from ._progress import TerminalProgress
+from ._options import checkTLSOptions
+from ._progress import TerminalProgress, checkProgressMode
 from ._receiver import MigrationReceiverFactory
 from ._records import MigrationInfo, MigrationResult
 
@@ -90,6 +92,28 @@ def tlsFromOptions(options: Any) -> Any:
         return serverTLSOptions(options["tls-cert"], options["tls-key"], options["tls-ca"])
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
+
+
+def checkListeningOptions(options: Any) -> None:
+    """
+    What C{receive} and C{relay} check alike: the TLS files (loaded into
+    C{options.tls}), C{--progress}, and the syntax of C{--status}.
+
+    @raise usage.UsageError: for the first option that is wrong.
+    """
+    checkTLSOptions(options)
+    try:
+        checkProgressMode(options["progress"])
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+    options.tls = tlsFromOptions(options)
+    if options["status"] is not None:
+        try:
+            # Syntax only: endpoint constructors keep the reactor for later,
+            # and importing the global one here would pre-empt twistd's choice.
+            serverFromString(None, options["status"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--status {options['status']!r} is not a server endpoint: {e}")
 
 
 def writeAddressFile(path: str | None, address: Any) -> None:
