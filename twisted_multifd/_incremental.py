@@ -112,8 +112,8 @@ class IncrementalParser:
         chunk, it is only valid until the parser asks for more.
         """
         if self._direct is None:
-            request = self._request
-            if self._done or self._eventPending or self._completed is not None or not isinstance(request, int):
+            request = self._exactRequest()
+            if request is None:
                 return None
             queued = len(self._queue)
             if queued >= request:
@@ -162,10 +162,20 @@ class IncrementalParser:
         is held, or 0 if that is not known (the parser waits for the end of
         the stream, or is not waiting for bytes at all).
         """
-        request = self._request
-        if self._done or self._eventPending or self._completed is not None or not isinstance(request, int):
+        request = self._exactRequest()
+        if request is None:
             return 0
         return max(0, request - len(self._queue) - self._filled)
+
+    def _exactRequest(self) -> int | None:
+        """
+        The pending request if the parser waits for an exact number of
+        bytes (nothing else to hand out first), else L{None}.
+        """
+        request = self._request
+        if self._done or self._eventPending or self._completed is not None or not isinstance(request, int):
+            return None
+        return request
 
     def end(self) -> None:
         """
