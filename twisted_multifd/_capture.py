@@ -30,13 +30,11 @@ from typing import Any, Sequence
 from zope.interface import implementer
 
 from ._errors import MigrationError
-from ._incremental import LendableBuffer
 from ._interfaces import IMigrationSink
 from ._mainstream import Configuration, RamBlock
 from ._packet import DeviceStatePacket
 from ._records import MigrationInfo, MigrationResult
 from ._tail import StreamTail
-from ._writebehind import WriteBehind, WriteFailed
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -187,10 +185,9 @@ class CaptureWriteError(MigrationError):
     """
 
 
-def _writeError(directory: str, what: str, e: Exception) -> CaptureWriteError:
-    reason = getattr(e, "strerror", None) or str(e)
-    errnum = getattr(e, "errno", None)
-    code = f" (errno {errnum})" if errnum is not None else ""
+def _writeError(directory: str, what: str, e: OSError) -> CaptureWriteError:
+    reason = e.strerror or str(e)
+    code = f" (errno {e.errno})" if e.errno is not None else ""
     return CaptureWriteError(f"writing {what} failed: {reason}{code}", connection=f"capture {directory}")
 
 
@@ -217,19 +214,10 @@ def _reserveSpace(path: str, size: int) -> bool:
 
 
 class _BlockImage:
-    """
-    One RAM block's image file and the state of each of its pages. Pages are
-    written at once, or through C{writer} (then the page map is kept here,
-    in the caller's thread, and only the writes happen in the writer's).
-    """
-
     def __init__(self, block: RamBlock, path: str, pageSize: int,
-                 writeback: _EarlyWriteback | None = None, writer: WriteBehind | None = None,
-                 what: str = "") -> None:
+                 writeback: _EarlyWriteback | None = None) -> None:
         self.block = block
         self.pageSize = pageSize
-        self._writer = writer
-        self._what = what or path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(self.fd, block.length)
@@ -245,9 +233,9 @@ class _BlockImage:
         pageSize = self.pageSize
         view = memoryview(data)
         pages = self.pages
+        fd = self.fd
         # One pwrite per run of consecutive pages: packets usually carry long
         # runs, and pwrite fails cleanly (ENOSPC) where a mapping would SIGBUS.
-        runs: list[tuple[int, int, int]] = []
         count = len(offsets)
         i = 0
         while i < count:
@@ -255,31 +243,13 @@ class _BlockImage:
             j = i + 1
             while j < count and offsets[j] == start + (j - i) * pageSize:
                 j += 1
-            runs.append((i * pageSize, j * pageSize, start))
-            first = start // pageSize
-            pages[first : first + (j - i)] = b"\x02" * (j - i)
-            i = j
-        writer = self._writer
-        if writer is None:
-            self._writeRuns(view, runs)
-            return
-        owner = view.obj
-        lent = None
-        if isinstance(owner, LendableBuffer):
-            # The parser receives the next packet elsewhere until written.
-            owner.lent = True
-            lent = owner
-        elif not (view.readonly and isinstance(owner, bytes)):
-            view = memoryview(bytes(view))  # the caller may reuse its buffer
-        writer.submit(len(view), self._what, self._writeRuns, view, runs, lent=lent)
-
-    def _writeRuns(self, view: memoryview, runs: list[tuple[int, int, int]]) -> None:
-        fd = self.fd
-        for begin, end, start in runs:
-            chunk = view[begin:end]
+            chunk = view[i * pageSize : j * pageSize]
             written = os.pwrite(fd, chunk, start)
             while written < len(chunk):
                 written += os.pwrite(fd, chunk[written:], start + written)
+            first = start // pageSize
+            pages[first : first + (j - i)] = b"\x02" * (j - i)
+            i = j
         if self._writeback is not None:
             self._unkicked += len(view)
             if self._unkicked >= WRITEBACK_EVERY:
@@ -289,24 +259,12 @@ class _BlockImage:
     def zero(self, offsets: Sequence[int]) -> None:
         pageSize = self.pageSize
         pages = self.pages
-        cleared: list[int] = []
         for offset in offsets:
             index = offset // pageSize
             if pages[index] == _DATA:
                 # A later zero version of a page written before: clear it.
-                cleared.append(offset)
+                os.pwrite(self.fd, bytes(pageSize), offset)
             pages[index] = _ZERO
-        if not cleared:
-            return
-        if self._writer is None:
-            self._writeZeros(cleared)
-        else:
-            self._writer.submit(len(cleared) * pageSize, self._what, self._writeZeros, cleared)
-
-    def _writeZeros(self, offsets: list[int]) -> None:
-        zeros = bytes(self.pageSize)
-        for offset in offsets:
-            os.pwrite(self.fd, zeros, offset)
 
     def close(self) -> None:
         """
@@ -346,7 +304,6 @@ class CaptureWriter:
         self._deviceStatePackets: list[dict[str, Any]] = []
         self._configuration: Configuration | None = None
         self._writeback = _EarlyWriteback()
-        self._writer = WriteBehind()
         self._ended = False
         self._reserve: str | None = None
         try:
@@ -381,31 +338,21 @@ class CaptureWriter:
                 fileName = _fileName(block.name, taken)
                 relative = f"ram/{fileName}"
                 self._images[block.name] = _BlockImage(
-                    block, os.path.join(self.directory, relative), pageSize, self._writeback,
-                    self._writer, relative,
+                    block, os.path.join(self.directory, relative), pageSize, self._writeback
                 )
                 self._order.append((block, relative))
         except OSError as e:
             raise _writeError(self.directory, relative, e) from e
 
     def writePages(self, block: RamBlock, offsets: Sequence[int], data: Any) -> None:
-        """
-        Store pages. They are written by a thread of their own, in the order
-        of the calls; C{data} is not copied if it is immutable or a
-        L{LendableBuffer}'s view (lent until written), else it is.
-        """
         try:
             self._images[block.name].write(offsets, data)
-        except WriteFailed as failed:
-            raise _writeError(self.directory, failed.what, failed.error) from failed.error
         except OSError as e:
             raise _writeError(self.directory, self._fileOf(block), e) from e
 
     def zeroPages(self, block: RamBlock, offsets: Sequence[int]) -> None:
         try:
             self._images[block.name].zero(offsets)
-        except WriteFailed as failed:
-            raise _writeError(self.directory, failed.what, failed.error) from failed.error
         except OSError as e:
             raise _writeError(self.directory, self._fileOf(block), e) from e
 
@@ -430,10 +377,6 @@ class CaptureWriter:
         )
 
     def streamEnded(self, tail: StreamTail) -> None:
-        try:
-            self._writer.drain()  # every page is written before the end is
-        except WriteFailed as failed:
-            raise _writeError(self.directory, failed.what, failed.error) from failed.error
         self._tail = tail
         files = [("device-state.bin", tail.deviceState)]
         if tail.vmdescription is not None:
@@ -459,13 +402,6 @@ class CaptureWriter:
             return
         self._ended = True
         complete, error = result.complete, result.error
-        try:
-            self._writer.drain()
-        except WriteFailed as failed:
-            if complete:
-                complete, error = False, str(_writeError(self.directory, failed.what, failed.error))
-        finally:
-            self._writer.close()
         try:
             for relative, image in zip((r for _, r in self._order), self._images.values()):
                 try:

@@ -57,27 +57,8 @@ RECORD_BOUNDARY = _Boundary()
 # have arrived.
 DIRECT_SMALL = 64 * 1024
 
-# The least size of the buffers that View requests are received into.
+# The least size of the buffer that View requests are received into.
 VIEW_BUFFER = 512 * 1024
-
-# Buffers a parser keeps for View requests (more may be lent out at once, but
-# those are not kept for reuse).
-KEPT_VIEW_BUFFERS = 8
-
-
-class LendableBuffer(bytearray):
-    """
-    A buffer that a View request is received into in place. Whoever gets the
-    bytes (a sink) may keep them past the call by setting C{lent}, and clear
-    it (from any thread) once done with them; until then the parser receives
-    into another buffer instead of reusing this one.
-    """
-
-    __slots__ = ("lent",)
-
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.lent = False
 
 
 class IncrementalParser:
@@ -104,7 +85,7 @@ class IncrementalParser:
         # The request being received in place, and how much of it has come.
         self._direct: memoryview | None = None
         self._filled = 0
-        self._viewBuffers: list[LendableBuffer] = []
+        self._viewBuffer = bytearray()
         self._smallBuffer = bytearray()
         # A request completed in place, not yet handed to the parser.
         self._completed: Any = None
@@ -127,9 +108,8 @@ class IncrementalParser:
 
         After receiving C{n} bytes into it, call L{directFilled}. The bytes of
         a L{View} request are handed to the parser as a read-only view of a
-        L{LendableBuffer} that a later L{View} request reuses: like a view of
-        a queued chunk, it is only valid until the parser asks for more,
-        unless whoever gets it marks the buffer lent.
+        buffer that the next L{View} request reuses: like a view of a queued
+        chunk, it is only valid until the parser asks for more.
         """
         if self._direct is None:
             request = self._exactRequest()
@@ -139,7 +119,11 @@ class IncrementalParser:
             if queued >= request:
                 return None
             if type(request) is View:
-                target = memoryview(self._freeViewBuffer(request))[:request]
+                if len(self._viewBuffer) < request:
+                    # Sized for a whole multifd packet of 4 KiB pages at
+                    # least, so that it is not regrown packet after packet.
+                    self._viewBuffer = bytearray(max(request, VIEW_BUFFER))
+                target = memoryview(self._viewBuffer)[:request]
             elif request <= DIRECT_SMALL:
                 if len(self._smallBuffer) < request:
                     self._smallBuffer = bytearray(DIRECT_SMALL)
@@ -152,24 +136,6 @@ class IncrementalParser:
             self._direct = target
             self._filled = queued
         return self._direct[self._filled :]
-
-    def _freeViewBuffer(self, size: int) -> LendableBuffer:
-        """
-        A buffer of at least C{size} bytes that is not lent out: one received
-        into before if possible.
-        """
-        kept = self._viewBuffers
-        for index, buffer in enumerate(kept):
-            if not buffer.lent:
-                if len(buffer) < size:
-                    # Sized for a whole multifd packet of 4 KiB pages at
-                    # least, so that it is not regrown packet after packet.
-                    buffer = kept[index] = LendableBuffer(max(size, VIEW_BUFFER))
-                return buffer
-        buffer = LendableBuffer(max(size, VIEW_BUFFER))
-        if len(kept) < KEPT_VIEW_BUFFERS:
-            kept.append(buffer)
-        return buffer
 
     def directFilled(self, count: int) -> bool:
         """

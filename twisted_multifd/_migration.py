@@ -434,8 +434,6 @@ class Migration:
         self._onEnded(self, result)
 
     def _sinkFailed(self, e: Exception) -> MigrationError:
-        if isinstance(e, MigrationError) and e.connection:
-            return e  # it says what failed already, as when a write fails
         if not isinstance(e, MigrationError):
             log.failure("{label}: the sink failed", label=self.label)
         return MigrationError(f"storing the migration failed: {e}", connection=self.label)
