@@ -181,6 +181,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip timing a plain write+fsync of SIZE bytes to the work directory",
     )
     parser.add_argument(
+        "--capture-dir",
+        type=Path,
+        help="folder the receiver writes its captures into (default: the workdir; e.g. /dev/shm to"
+        " take the disk out of the comparison)",
+    )
+    parser.add_argument(
         "--settle",
         type=float,
         default=30.0,
@@ -243,6 +249,8 @@ class Context:
     settle: float
     code_root: Path
     """Folder holding the frozen copy of ``twisted_multifd`` that the receiver runs."""
+    capture_dir: Path | None = None
+    """Where the receiver writes its captures (default: the workdir)."""
     sequence: int = 0
 
     def settings(self, channels: int) -> MigrationSettings:
@@ -459,7 +467,7 @@ def disk_baseline(ctx: Context) -> dict[str, float]:
     way the receiver writes an image (file sized with ftruncate first, then
     one pwrite per 512 KiB, the payload of one multifd packet): the floor for
     any durable capture of this size on this disk."""
-    folder = Path(tempfile.mkdtemp(prefix="disk-baseline-", dir=ctx.workdir))
+    folder = Path(tempfile.mkdtemp(prefix="disk-baseline-", dir=ctx.capture_dir or ctx.workdir))
     try:
         target = folder / "image"
         with open(ctx.backing, "rb") as src:
@@ -651,7 +659,7 @@ def _run_receiver(
     result = RunResult(label, channels, index)
     run_dir = ctx.run_dir(f"{label}-ch{channels}-{index}")
     settings = ctx.settings(channels)
-    capture_parent = Path(tempfile.mkdtemp(prefix="capture-", dir=ctx.workdir))
+    capture_parent = Path(tempfile.mkdtemp(prefix="capture-", dir=ctx.capture_dir or ctx.workdir))
     output = capture_parent / "capture"
     spy: subprocess.Popen[bytes] | None = None
     try:
@@ -943,7 +951,8 @@ def run(args: argparse.Namespace) -> int:
 
     backing, digest = ensure_backing_file(workdir, args.size)
     ctx = Context(
-        qemu, args.size, backing, digest, workdir, runs_dir, args.timeout, args.max_bandwidth, args.settle, code_root
+        qemu, args.size, backing, digest, workdir, runs_dir, args.timeout, args.max_bandwidth, args.settle, code_root,
+        args.capture_dir,
     )
     baseline = disk_baseline(ctx) if args.disk_baseline else None
 
