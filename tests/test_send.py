@@ -19,11 +19,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from twisted_multifd import CaptureWriter, MigrationReceiverFactory
+from twisted_multifd import CaptureWriter, MigrationReceiverFactory, _sender
 from twisted_multifd._capturereader import CaptureError, loadCapture, readPageWindows
 from twisted_multifd._export import exportCapture
 from twisted_multifd._incremental import IncrementalParser
@@ -128,10 +130,12 @@ def assertSameCapture(original: Path, copy: Path) -> None:
         assert b["stream"][key] == a["stream"][key], key
 
 
-async def sendIntoReceiver(capture: Path, output: Path, channels: int, **sendArgs: Any) -> Any:
+async def sendIntoReceiver(
+    capture: Path, output: Path, channels: int, unixSocket: Path | None = None, **sendArgs: Any
+) -> Any:
     """
-    Listen with our receiver on loopback TCP, send the capture into it; both
-    must end well. Returns the L{SendResult}.
+    Listen with our receiver on loopback TCP (or on C{unixSocket}), send the
+    capture into it; both must end well. Returns the L{SendResult}.
     """
     from twisted.internet import reactor
 
@@ -139,12 +143,11 @@ async def sendIntoReceiver(capture: Path, output: Path, channels: int, **sendArg
     factory = MigrationReceiverFactory(
         lambda info: CaptureWriter(str(output)), channels=channels, onMigrationEnded=ended.callback,
     )
-    port = await endpoints.serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    listen = "tcp:0:interface=127.0.0.1" if unixSocket is None else f"unix:{unixSocket}"
+    port = await endpoints.serverFromString(reactor, listen).listen(factory)
+    to = f"tcp:127.0.0.1:{port.getHost().port}" if unixSocket is None else f"unix:path={unixSocket}"
     try:
-        result = await sendCapture(
-            reactor, str(capture), f"tcp:127.0.0.1:{port.getHost().port}", channels=channels,
-            progressInterval=None, **sendArgs,
-        )
+        result = await sendCapture(reactor, str(capture), to, channels=channels, progressInterval=None, **sendArgs)
         migration = await ended
     finally:
         await port.stopListening()
@@ -591,30 +594,203 @@ def _sparseRAM(capture: Path) -> tuple[Path, bytes, int]:
 async def test_dataExtentsGoToTheSocketsUnread(tmp_path, monkeypatch, channels):
     """
     Windows inside the image's data extents go from the file to the socket
-    without being read first: only what a socket does not take is read
-    (that part only), so every byte of them is either sent from the file
-    or read once; the window with holes is read. What arrives is the image,
-    page for page.
+    without being read: what a socket does not take of one follows from
+    the file once the socket has room. The window with holes is read;
+    of the others, every byte is sent from the file or (rarely: see
+    test_restOfAWindowGoesFromTheFileOnceThereIsRoom) read, once. What
+    arrives is the image, page for page.
     """
     capture = recordedCapture(tmp_path / "capture", "cap10-4")
     path, content, wholeWindows = _sparseRAM(capture)
-    sent = []
-    realSendfile = os.sendfile
-
-    def sendfile(out: int, in_: int, offset: int, count: int) -> int:
-        n = realSendfile(out, in_, offset, count)
-        sent.append(n)
-        return n
-
-    monkeypatch.setattr(os, "sendfile", sendfile)
+    sent = _recordSendfiles(monkeypatch)
     reads = _countPreads(monkeypatch, path)
     result = await sendIntoReceiver(capture, tmp_path / "copy", channels)
     assert images(tmp_path / "copy")["pc.ram"] == content
     assert (100 * WINDOW, WINDOW) in reads
-    readOfWholeWindows = sum(size for offset, size in reads) - WINDOW
-    assert readOfWholeWindows + sum(sent) == wholeWindows
-    assert sum(sent) > 0
+    read = [(offset, size) for offset, size in reads if (offset, size) != (100 * WINDOW, WINDOW)]
+    fromFile = [(offset, n) for offset, count, n in sent if n > 0]
+    assert _pieces(fromFile + read) == [(0, 10 * WINDOW), (40 * WINDOW, 80 * WINDOW)]
+    assert sum(n for offset, n in fromFile) >= 0.9 * wholeWindows
+    # The sockets were full at times: windows went in more than one piece.
+    assert any(offset % WINDOW for offset, count, n in sent)
     assert result.pagesWithData >= 50 * 128 + 64
+
+
+def _recordSendfiles(
+    monkeypatch: pytest.MonkeyPatch, before: Any = None, limit: Any = None
+) -> list[tuple[int, int, int]]:
+    """
+    Record (offset, count, bytes sent) of every os.sendfile. C{before} is
+    called with its offset first; C{limit(offset, count)}, if given, is the
+    most it may send (as a socket with less room would).
+    """
+    sent: list[tuple[int, int, int]] = []
+    realSendfile = os.sendfile
+
+    def sendfile(out: int, in_: int, offset: int, count: int) -> int:
+        if before is not None:
+            before(offset)
+        n = realSendfile(out, in_, offset, count if limit is None else limit(offset, count))
+        sent.append((offset, count, n))
+        return n
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    return sent
+
+
+@pytest.mark.parametrize("over,cpus", [("tcp", 64), ("tcp", 2), ("unix", 64)])
+@pytest_twisted.ensureDeferred
+async def test_littleLeftUnsentInLoopbackSockets(tmp_path, monkeypatch, over, cpus):
+    """
+    Multifd sockets to a destination on this host keep at most
+    LOCAL_NOTSENT_LOWAT bytes unsent (TCP_NOTSENT_LOWAT), so that our
+    bytes are sent by our own writes, not by the destination's ACKs on its
+    CPU, if we have a CPU beside its receive threads (one per channel); the
+    main channel, and UNIX sockets, are left as they are.
+    """
+    from twisted_multifd._sender import LOCAL_NOTSENT_LOWAT, _Connection
+
+    monkeypatch.setattr(_sender, "_usableCPUs", lambda: cpus)
+    capture = recordedCapture(tmp_path / "capture", "cap10-4")
+    lowats: dict[str, int] = {}
+    realConnectionMade = _Connection.connectionMade
+
+    def connectionMade(self: Any) -> None:
+        realConnectionMade(self)
+        handle = self.transport.getHandle()
+        if handle.family != socket.AF_UNIX:
+            lowats[self.label] = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        else:
+            lowats[self.label] = -1
+
+    monkeypatch.setattr(_Connection, "connectionMade", connectionMade)
+    unixSocket = Path(tempfile.mkdtemp(prefix="tmf-", dir="/tmp")) / "s" if over == "unix" else None
+    await sendIntoReceiver(capture, tmp_path / "copy", 2, unixSocket)
+    assertSameCapture(capture, tmp_path / "copy")
+    assert len(lowats) == 3
+    if over == "unix":
+        assert set(lowats.values()) == {-1}
+    elif cpus > 2:
+        assert lowats["multifd channel 0"] == lowats["multifd channel 1"] == LOCAL_NOTSENT_LOWAT
+        assert lowats["main channel"] != LOCAL_NOTSENT_LOWAT
+    else:
+        assert LOCAL_NOTSENT_LOWAT not in lowats.values()
+
+
+def test_localPeers():
+    """
+    Loopback TCP connections, and connections to one of this host's own
+    addresses, reach this host; UNIX sockets are not TCP.
+    """
+    from twisted_multifd._sender import _isLocalPeer
+
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert not _isLocalPeer(a)
+    for family, host in [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]:
+        try:
+            server = socket.create_server((host, 0), family=family)
+        except OSError:  # pragma: no cover - no IPv6 here
+            continue
+        with server, socket.create_connection(server.getsockname()[:2]) as client:
+            assert _isLocalPeer(client)
+    unconnected = socket.socket()
+    with unconnected:
+        assert not _isLocalPeer(unconnected)
+
+
+def _openDescriptors(path: Path) -> list[str]:
+    """
+    This process's descriptors open on the file at C{path}.
+    """
+    target = os.path.realpath(path)
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                found.append(fd)
+    return found
+
+
+def _halfOfEachWindow(offset: int, count: int) -> int:
+    """
+    At most half of a whole window at once: the rest of every window waits
+    for room, and then goes from the file.
+    """
+    return count // 2 if count == WINDOW else count
+
+
+@pytest.mark.parametrize("channels,over", [(1, "tcp"), (3, "tcp"), (2, "unix")])
+@pytest_twisted.ensureDeferred
+async def test_restOfAWindowGoesFromTheFileOnceThereIsRoom(tmp_path, monkeypatch, channels, over):
+    """
+    When a socket takes only part of a window (here at most half), the rest
+    goes from the file once the socket has room, before anything else on
+    that connection, even when the reader is done with the image by then
+    (the rest has a descriptor of its own). Only a rest that a SYNC packet
+    must follow at once, or a window whose header the socket did not take
+    whole, is read instead, for the transport. Every byte of the windows
+    goes exactly once, most from the file, and every descriptor is closed
+    at the end.
+    """
+    capture = recordedCapture(tmp_path / "capture", "cap10-4")
+    path, content, wholeWindows = _sparseRAM(capture)
+    sent = _recordSendfiles(monkeypatch, limit=_halfOfEachWindow)
+    reads = _countPreads(monkeypatch, path)
+    unixSocket = Path(tempfile.mkdtemp(prefix="tmf-", dir="/tmp")) / "s" if over == "unix" else None
+    await sendIntoReceiver(capture, tmp_path / "copy", channels, unixSocket)
+    assert images(tmp_path / "copy")["pc.ram"] == content
+    fromFile = [(offset, n) for offset, count, n in sent if n > 0]
+    read = [(offset, size) for offset, size in reads if (offset, size) != (100 * WINDOW, WINDOW)]
+    assert all(n <= WINDOW // 2 for offset, count, n in sent if count == WINDOW)
+    assert len([1 for offset, n in fromFile if offset % WINDOW]) >= wholeWindows // WINDOW // 2
+    assert _pieces(fromFile + read) == [(0, 10 * WINDOW), (40 * WINDOW, 80 * WINDOW)]
+    assert sum(n for offset, n in fromFile) >= 0.9 * wholeWindows
+    assert _openDescriptors(path) == []
+
+
+def _pieces(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """
+    The (start, end) byte ranges that C{ranges} ((offset, size), which must
+    not overlap) cover.
+    """
+    covered: list[tuple[int, int]] = []
+    for offset, size in sorted(ranges):
+        assert not covered or offset >= covered[-1][1], f"{offset} was sent twice"
+        if covered and covered[-1][1] == offset:
+            covered[-1] = (covered[-1][0], offset + size)
+        else:
+            covered.append((offset, offset + size))
+    return covered
+
+
+@pytest.mark.parametrize("where", ["window", "rest"])
+@pytest_twisted.ensureDeferred
+async def test_imageShrinkingWhileSentFailsClearly(tmp_path, monkeypatch, where):
+    """
+    An image cut short while it is being sent (just before a window, or the
+    rest of a window, goes from the file) fails the send with a clear
+    error that says so.
+    """
+    capture = recordedCapture(tmp_path / "capture", "cap10-4")
+    path, _, _ = _sparseRAM(capture)
+    cuts: list[int] = []
+
+    def shrink(offset: int) -> None:
+        # The first window (or rest of one) from 40 windows on.
+        if not cuts and 40 * WINDOW <= offset < 80 * WINDOW and bool(offset % WINDOW) == (where == "rest"):
+            os.truncate(path, offset)
+            cuts.append(offset)
+
+    _recordSendfiles(monkeypatch, before=shrink, limit=_halfOfEachWindow)
+    with pytest.raises(SendError) as caught:
+        await sendIntoReceiver(capture, tmp_path / "copy", 1)
+    [cut] = cuts
+    assert os.path.getsize(path) == cut
+    message = str(caught.value)
+    assert message.startswith("reading the capture failed: ")
+    assert f"the image of RAM block 'pc.ram' ends at {cut}, before the block's length" in message
+    assert "(did it change?)" in message
 
 
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
