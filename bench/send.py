@@ -36,6 +36,9 @@ work tree during a benchmark do not change what is measured.
 
 Optional extra runs (not in the table): ``--py-spy N`` samples one ``send``
 with N channels with py-spy, ``--profile N`` runs one under cProfile.
+``--compare DIR`` adds a third run to every round, ``send`` from the package
+in DIR (e.g. a copy of the committed tree), with a table of its own: on a
+shared machine, two versions are best compared within one invocation.
 """
 
 from __future__ import annotations
@@ -97,7 +100,10 @@ PMEMSAVE_TIMEOUT = 120.0
 
 # The child that runs ``send``: imports everything, says "ready" on the fd
 # it is given, waits for a line on stdin, then runs the CLI as
-# ``python -m twisted_multifd send ARGS`` would.
+# ``python -m twisted_multifd send ARGS`` would: through ``console()``, which
+# exits at once with the status (no interpreter teardown, about 0.05 CPU s).
+# Under cProfile (TMF_BENCH_PROFILE set) it returns instead, so that the
+# profile gets written.
 _CHILD = """
 import os, sys
 from twisted.internet import epollreactor
@@ -107,7 +113,11 @@ ready = int(sys.argv[1])
 os.write(ready, b"ready\\n")
 os.close(ready)
 sys.stdin.readline()
-_cli.main(["send", *sys.argv[2:]])
+if os.environ.get("TMF_BENCH_PROFILE") or not hasattr(_cli, "console"):  # (or an older tree, --code)
+    _cli.main(["send", *sys.argv[2:]])
+else:
+    sys.argv = ["twisted-multifd", "send", *sys.argv[2:]]
+    _cli.console()
 """
 
 
@@ -129,6 +139,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--code", type=Path,
         help="run send from the twisted_multifd package in this folder (e.g. an older version, to compare);"
         " default: a copy of the work tree's, taken at start",
+    )
+    parser.add_argument(
+        "--compare", type=Path, metavar="DIR",
+        help="in every round, also run send from the twisted_multifd package in DIR (e.g. a copy of the"
+        " committed tree), to compare two versions within one invocation; its own table follows",
     )
     parser.add_argument("--json", type=Path, help="write all results here (default WORKDIR/send/results-TIME.json)")
 
@@ -183,6 +198,8 @@ class SendProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code_root), env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
+        if python_args:
+            env["TMF_BENCH_PROFILE"] = "1"
         # A script file rather than -c, so that -m cProfile can run it too.
         script = run_dir / "send_child.py"
         script.write_text(_CHILD)
@@ -298,11 +315,12 @@ def _digest_outside_window(path: Path, size: int) -> str:
 
 def run_send(
     ctx: Context, code_root: Path, capture: Path, channels: int, index: int, verify: str | None,
-    py_spy: Path | None = None, profile: Path | None = None,
+    py_spy: Path | None = None, profile: Path | None = None, kind: str = "ours",
 ) -> RunResult:
-    """``verify``: the backing file's digest outside the legacy window, or None."""
+    """``verify``: the backing file's digest outside the legacy window, or None.
+    ``kind``: ``ours``, or ``compare`` for a run of the ``--compare`` package."""
     waited = wait_for_quiet(ctx.settle)
-    label = "ours-pyspy" if py_spy else "ours-cprofile" if profile else "ours"
+    label = "ours-pyspy" if py_spy else "ours-cprofile" if profile else kind
     result = RunResult(label, channels, index)
     result.quiet_wait_seconds = round(waited, 1)
     run_dir = ctx.run_dir(f"{label}-ch{channels}-{index}")
@@ -355,7 +373,7 @@ def run_send(
 # --------------------------------------------------------------------------
 
 
-def summary_table(results: list[RunResult], channel_counts: list[int]) -> str:
+def summary_table(results: list[RunResult], channel_counts: list[int], kind: str = "ours") -> str:
     rows = [
         (
             "| channels | QEMU source wall s (median / min / max) | send wall s (median / min / max) "
@@ -366,7 +384,7 @@ def summary_table(results: list[RunResult], channel_counts: list[int]) -> str:
     ]
     for n in channel_counts:
         qemu = [r for r in results if r.kind == "qemu" and r.channels == n]
-        ours = [r for r in results if r.kind == "ours" and r.channels == n]
+        ours = [r for r in results if r.kind == kind and r.channels == n]
         q = _stats([r.wall for r in qemu if r.ok and r.wall is not None])
         o = _stats([r.wall for r in ours if r.ok and r.wall is not None])
         ratio = f"{o[0] / q[0]:.2f}" if q and o else "—"
@@ -431,6 +449,8 @@ def run(args: argparse.Namespace) -> int:
         # The captures are still made with the work tree's receiver (the copy
         # above); only send runs from the given package.
         facts["send code"] = f"{args.code} (fingerprint {_fingerprint(args.code / 'twisted_multifd')})"
+    if args.compare is not None:
+        facts["compare code"] = f"{args.compare} (fingerprint {_fingerprint(args.compare / 'twisted_multifd')})"
     command = bench_command("send")
     print(f"command: {command}")
     for key, value in facts.items():
@@ -458,6 +478,12 @@ def run(args: argparse.Namespace) -> int:
             if args.only != "qemu":
                 results.append(run_send(ctx, send_code, captures[channels], channels, index, expected if verify else None))
                 print(run_line(results[-1]), flush=True)
+                if args.compare is not None:
+                    results.append(run_send(
+                        ctx, args.compare.resolve(), captures[channels], channels, index,
+                        expected if verify else None, kind="compare",
+                    ))
+                    print(run_line(results[-1]), flush=True)
 
     profiles: dict[str, str] = {}
     for channels in args.py_spy:
@@ -477,6 +503,9 @@ def run(args: argparse.Namespace) -> int:
 
     table = summary_table(results, args.channels)
     print(f"\n{table}\n")
+    if args.compare is not None:
+        table += "\n\n--compare " + str(args.compare) + ":\n\n" + summary_table(results, args.channels, "compare")
+        print(f"--compare {args.compare}:\n\n{summary_table(results, args.channels, 'compare')}\n")
     for name, text in profiles.items():
         print(f"{name} ({base})\n{text}\n")
     json_path = args.json or base / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
