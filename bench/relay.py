@@ -57,6 +57,7 @@ from bench.receive import (
     code_version,
     ensure_backing_file,
     machine_facts,
+    paired_ratio,
     qemu_for,
     run_line,
     run_qemu_destination,
@@ -166,10 +167,10 @@ def summary_table(results: list[RunResult], channel_counts: list[int]) -> str:
     rows = [
         (
             "| channels | QEMU → QEMU wall s (median / min / max) | QEMU → relay → QEMU wall s (median / min / max) "
-            "| relayed / direct (medians) | relay CPU s (median) | relay peak RSS MiB (median / max) "
-            "| ok runs (direct, relayed) | max other CPU s (direct, relayed) |"
+            "| relayed / direct (medians) | relayed / direct per pair: median (min–max) | relay CPU s (median) "
+            "| relay peak RSS MiB (median / max) | ok runs (direct, relayed) | max other CPU s (direct, relayed) |"
         ),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in channel_counts:
         direct = [r for r in results if r.kind == "qemu" and r.channels == n]
@@ -184,7 +185,8 @@ def summary_table(results: list[RunResult], channel_counts: list[int]) -> str:
             for runs in (direct, relayed)
         ]
         rows.append(
-            f"| {n} | {_fmt(d)} | {_fmt(r_)} | {ratio} | {f'{statistics.median(cpu):.2f}' if cpu else '—'} "
+            f"| {n} | {_fmt(d)} | {_fmt(r_)} | {ratio} | {paired_ratio(direct, relayed)} "
+            f"| {f'{statistics.median(cpu):.2f}' if cpu else '—'} "
             f"| {f'{statistics.median(rss):.0f} / {max(rss):.0f}' if rss else '—'} "
             f"| {sum(r.ok for r in direct)}/{len(direct)}, {sum(r.ok for r in relayed)}/{len(relayed)} "
             f"| {', '.join('—' if v is None else f'{v:.2f}' for v in other)} |"

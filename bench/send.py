@@ -86,6 +86,7 @@ from bench.receive import (
     code_version,
     ensure_backing_file,
     machine_facts,
+    paired_ratio,
     qemu_for,
     run_qemu_destination,
     snapshot_library,
@@ -377,10 +378,11 @@ def summary_table(results: list[RunResult], channel_counts: list[int], kind: str
     rows = [
         (
             "| channels | QEMU source wall s (median / min / max) | send wall s (median / min / max) "
-            "| send / QEMU (medians) | send / QEMU (min / max) | send startup s (median, not timed) "
+            "| send / QEMU (medians) | send / QEMU (min / max) | send / QEMU per pair: median (min–max) "
+            "| send startup s (median, not timed) "
             "| send peak RSS MiB (median / max) | CPU s median: QEMU source / send | ok runs (QEMU, send) |"
         ),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in channel_counts:
         qemu = [r for r in results if r.kind == "qemu" and r.channels == n]
@@ -395,7 +397,7 @@ def summary_table(results: list[RunResult], channel_counts: list[int], kind: str
         cpu_o = [r.source_cpu_seconds for r in ours if r.ok and r.source_cpu_seconds is not None]
         cpu = " / ".join("—" if not v else f"{statistics.median(v):.2f}" for v in (cpu_q, cpu_o))
         rows.append(
-            f"| {n} | {_fmt(q)} | {_fmt(o)} | {ratio} | {spread} "
+            f"| {n} | {_fmt(q)} | {_fmt(o)} | {ratio} | {spread} | {paired_ratio(qemu, ours)} "
             f"| {'—' if not startup else f'{statistics.median(startup):.2f}'} "
             f"| {'—' if not rss else f'{statistics.median(rss):.0f} / {max(rss):.0f}'} | {cpu} "
             f"| {sum(r.ok for r in qemu)}/{len(qemu)}, {sum(r.ok for r in ours)}/{len(ours)} |"
