@@ -23,7 +23,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -514,12 +514,49 @@ def _deviceState(
     return DeviceStateFile(relative, full, length, tuple(sections))
 
 
-def _describePayload(payload: bytes | None) -> str:
+def describePayload(payload: bytes | None) -> str:
     return "<not read>" if payload is None else f"<{len(payload)} bytes>"
 
 
+class DataPages:
+    """
+    Data pages that were read (C{payload}), or not (L{None}): then they are
+    the bytes of C{image}, open, from the first of C{normalOffsets} on, and
+    are read only if asked for. Shared by L{PageWindow} and the sender's
+    packets, which hand such pages on unread.
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+        normalOffsets: tuple[int, ...]
+        payload: bytes | None
+        image: OpenImage | None
+
+    @property
+    def size(self) -> int:
+        """
+        The bytes of the data pages, read or not.
+        """
+        if self.payload is not None:
+            return len(self.payload)
+        assert self.image is not None
+        return len(self.normalOffsets) * self.image.pageSize
+
+    @property
+    def data(self) -> bytes:
+        """
+        The data pages back to back; read from the image (on every access)
+        if they were not read.
+        """
+        if self.payload is not None:
+            return self.payload
+        assert self.image is not None
+        return self.image.read(self.normalOffsets[0], self.size)
+
+
 @attrs.frozen
-class PageWindow:
+class PageWindow(DataPages):
     """
     Consecutive pages of one RAM block, from its image.
 
@@ -539,29 +576,8 @@ class PageWindow:
     count: int
     normalOffsets: tuple[int, ...]
     zeroOffsets: tuple[int, ...]
-    payload: bytes | None = attrs.field(repr=_describePayload)
+    payload: bytes | None = attrs.field(repr=describePayload)
     image: OpenImage | None = attrs.field(default=None, eq=False, repr=False)
-
-    @property
-    def size(self) -> int:
-        """
-        The bytes of the data pages, read or not.
-        """
-        if self.payload is not None:
-            return len(self.payload)
-        assert self.image is not None
-        return len(self.normalOffsets) * self.image.pageSize
-
-    @property
-    def data(self) -> bytes:
-        """
-        The data pages back to back; read from the image (on every access)
-        if the window was not read.
-        """
-        if self.payload is not None:
-            return self.payload
-        assert self.image is not None
-        return self.image.read(self.start, self.size)
 
 
 class OpenImage:

@@ -69,7 +69,9 @@ from zope.interface import implementer
 from ._capturereader import (
     Capture,
     CaptureError,
+    DataPages,
     OpenImage,
+    describePayload,
     loadCapture,
     readPageWindows,
 )
@@ -318,7 +320,7 @@ class MainBytes:
 
 
 @attrs.frozen
-class PagePacket:
+class PagePacket(DataPages):
     """
     The pages of one multifd packet (not yet compressed nor numbered).
 
@@ -332,28 +334,8 @@ class PagePacket:
     block: str
     normalOffsets: tuple[int, ...]
     zeroOffsets: tuple[int, ...]
-    payload: bytes | None = attrs.field(repr=lambda d: "<not read>" if d is None else f"<{len(d)} bytes>")
+    payload: bytes | None = attrs.field(repr=describePayload)
     image: OpenImage | None = attrs.field(default=None, eq=False, repr=False)
-
-    @property
-    def size(self) -> int:
-        """
-        The bytes of the data pages, read or not.
-        """
-        if self.payload is not None:
-            return len(self.payload)
-        assert self.image is not None
-        return len(self.normalOffsets) * self.image.pageSize
-
-    @property
-    def data(self) -> bytes:
-        """
-        The data pages, read from the image (on every access) if they were not.
-        """
-        if self.payload is not None:
-            return self.payload
-        assert self.image is not None
-        return self.image.read(self.normalOffsets[0], self.size)
 
 
 class _Sync:
