@@ -842,6 +842,57 @@ def _fmt(stat: tuple[float, float, float] | None) -> str:
     return "—" if stat is None else f"{stat[0]:.2f} / {stat[1]:.2f} / {stat[2]:.2f}"
 
 
+def _median_max(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} / {max(values):.0f}" if values else "—"
+
+
+@dataclass
+class WallComparison:
+    """
+    One channel count's runs of the baseline kind (a real QEMU) and of the
+    kind measured against it, with what every summary table shows of them.
+    """
+
+    baseline: list[RunResult]
+    measured: list[RunResult]
+    baseline_wall: tuple[float, float, float] | None = field(init=False)
+    """Median / min / max wall time of the baseline's ok runs."""
+    measured_wall: tuple[float, float, float] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.baseline_wall = _stats([r.wall for r in self.baseline if r.ok and r.wall is not None])
+        self.measured_wall = _stats([r.wall for r in self.measured if r.ok and r.wall is not None])
+
+    @classmethod
+    def of(cls, results: list[RunResult], channels: int, kind: str, baseline: str = "qemu") -> "WallComparison":
+        return cls(
+            [r for r in results if r.kind == baseline and r.channels == channels],
+            [r for r in results if r.kind == kind and r.channels == channels],
+        )
+
+    @property
+    def ratio(self) -> str:
+        """The ratio of the medians: the issue's figure."""
+        b, m = self.baseline_wall, self.measured_wall
+        return f"{m[0] / b[0]:.2f}" if b and m else "—"
+
+    @property
+    def paired(self) -> str:
+        return paired_ratio(self.baseline, self.measured)
+
+    @property
+    def ok_runs(self) -> str:
+        return ", ".join(f"{sum(r.ok for r in runs)}/{len(runs)}" for runs in (self.baseline, self.measured))
+
+    @property
+    def max_other_cpu(self) -> str:
+        other = [
+            max((r.other_cpu_seconds for r in runs if r.other_cpu_seconds is not None), default=None)
+            for runs in (self.baseline, self.measured)
+        ]
+        return ", ".join("—" if v is None else f"{v:.2f}" for v in other)
+
+
 def paired_ratio(baseline: list[RunResult], measured: list[RunResult]) -> str:
     """
     The median (min–max) of the ratios of runs made back to back (same
@@ -866,23 +917,13 @@ def summary_table(results: list[RunResult], channel_counts: list[int]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in channel_counts:
-        qemu = [r for r in results if r.kind == "qemu" and r.channels == n]
-        ours = [r for r in results if r.kind == "ours" and r.channels == n]
-        q = _stats([r.wall for r in qemu if r.ok and r.wall is not None])
-        o = _stats([r.wall for r in ours if r.ok and r.wall is not None])
-        src = _stats([r.source_completed for r in ours if r.ok and r.source_completed is not None])
-        rss = [r.destination_peak_rss_kib / 1024 for r in ours if r.ok and r.destination_peak_rss_kib]
-        ratio = f"{o[0] / q[0]:.2f}" if q and o else "—"
-        rss_text = f"{statistics.median(rss):.0f} / {max(rss):.0f}" if rss else "—"
-        other = [
-            max((r.other_cpu_seconds for r in runs if r.other_cpu_seconds is not None), default=None)
-            for runs in (qemu, ours)
-        ]
-        other_text = ", ".join("—" if v is None else f"{v:.2f}" for v in other)
+        c = WallComparison.of(results, n, "ours")
+        src = _stats([r.source_completed for r in c.measured if r.ok and r.source_completed is not None])
+        rss = [r.destination_peak_rss_kib / 1024 for r in c.measured if r.ok and r.destination_peak_rss_kib]
         rows.append(
-            f"| {n} | {_fmt(q)} | {_fmt(o)} | {ratio} | {paired_ratio(qemu, ours)} "
-            f"| {'—' if src is None else f'{src[0]:.2f}'} | {rss_text} "
-            f"| {sum(r.ok for r in qemu)}/{len(qemu)}, {sum(r.ok for r in ours)}/{len(ours)} | {other_text} |"
+            f"| {n} | {_fmt(c.baseline_wall)} | {_fmt(c.measured_wall)} | {c.ratio} | {c.paired} "
+            f"| {'—' if src is None else f'{src[0]:.2f}'} | {_median_max(rss)} "
+            f"| {c.ok_runs} | {c.max_other_cpu} |"
         )
     return "\n".join(rows)
 

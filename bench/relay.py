@@ -42,22 +42,22 @@ from bench.receive import (
     RUN_HEADER,
     Context,
     RunResult,
+    WallComparison,
     Window,
     _delta,
     _fmt,
+    _median_max,
     _proc_cpu_seconds,
     _proc_hwm_kib,
     _record_failure,
     _source_stats,
     _start_py_spy,
-    _stats,
     add_common_arguments,
     bench_command,
     code_fact,
     code_version,
     ensure_backing_file,
     machine_facts,
-    paired_ratio,
     qemu_for,
     run_line,
     run_qemu_destination,
@@ -173,23 +173,14 @@ def summary_table(results: list[RunResult], channel_counts: list[int]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in channel_counts:
-        direct = [r for r in results if r.kind == "qemu" and r.channels == n]
-        relayed = [r for r in results if r.kind == "relay" and r.channels == n]
-        d = _stats([r.wall for r in direct if r.ok and r.wall is not None])
-        r_ = _stats([r.wall for r in relayed if r.ok and r.wall is not None])
+        c = WallComparison.of(results, n, "relay")
+        relayed = c.measured
         cpu = [r.extra["relay_cpu_seconds"] for r in relayed if r.ok and r.extra.get("relay_cpu_seconds") is not None]
         rss = [r.destination_peak_rss_kib / 1024 for r in relayed if r.ok and r.destination_peak_rss_kib]
-        ratio = f"{r_[0] / d[0]:.2f}" if d and r_ else "—"
-        other = [
-            max((r.other_cpu_seconds for r in runs if r.other_cpu_seconds is not None), default=None)
-            for runs in (direct, relayed)
-        ]
         rows.append(
-            f"| {n} | {_fmt(d)} | {_fmt(r_)} | {ratio} | {paired_ratio(direct, relayed)} "
-            f"| {f'{statistics.median(cpu):.2f}' if cpu else '—'} "
-            f"| {f'{statistics.median(rss):.0f} / {max(rss):.0f}' if rss else '—'} "
-            f"| {sum(r.ok for r in direct)}/{len(direct)}, {sum(r.ok for r in relayed)}/{len(relayed)} "
-            f"| {', '.join('—' if v is None else f'{v:.2f}' for v in other)} |"
+            f"| {n} | {_fmt(c.baseline_wall)} | {_fmt(c.measured_wall)} | {c.ratio} | {c.paired} "
+            f"| {f'{statistics.median(cpu):.2f}' if cpu else '—'} | {_median_max(rss)} "
+            f"| {c.ok_runs} | {c.max_other_cpu} |"
         )
     return "\n".join(rows)
 

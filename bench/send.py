@@ -69,24 +69,24 @@ from bench.receive import (
     RSS_SAMPLE_INTERVAL,
     Context,
     RunResult,
+    WallComparison,
     Window,
     _check_capture,
     _cpu_pair,
     _delta,
     _fingerprint,
     _fmt,
+    _median_max,
     _proc_cpu_seconds,
     _proc_hwm_kib,
     _record_failure,
     _start_py_spy,
-    _stats,
     add_common_arguments,
     bench_command,
     code_fact,
     code_version,
     ensure_backing_file,
     machine_facts,
-    paired_ratio,
     qemu_for,
     run_qemu_destination,
     snapshot_library,
@@ -385,22 +385,20 @@ def summary_table(results: list[RunResult], channel_counts: list[int], kind: str
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in channel_counts:
-        qemu = [r for r in results if r.kind == "qemu" and r.channels == n]
-        ours = [r for r in results if r.kind == kind and r.channels == n]
-        q = _stats([r.wall for r in qemu if r.ok and r.wall is not None])
-        o = _stats([r.wall for r in ours if r.ok and r.wall is not None])
-        ratio = f"{o[0] / q[0]:.2f}" if q and o else "—"
+        c = WallComparison.of(results, n, kind)
+        q, o, ours = c.baseline_wall, c.measured_wall, c.measured
         spread = f"{o[1] / q[1]:.2f} / {o[2] / q[2]:.2f}" if q and o else "—"
         startup = [r.extra["sender_startup_seconds"] for r in ours if r.ok and "sender_startup_seconds" in r.extra]
         rss = [r.destination_peak_rss_kib / 1024 for r in ours if r.ok and r.destination_peak_rss_kib]
-        cpu_q = [r.source_cpu_seconds for r in qemu if r.ok and r.source_cpu_seconds is not None]
-        cpu_o = [r.source_cpu_seconds for r in ours if r.ok and r.source_cpu_seconds is not None]
-        cpu = " / ".join("—" if not v else f"{statistics.median(v):.2f}" for v in (cpu_q, cpu_o))
+        cpu = " / ".join(
+            "—" if not v else f"{statistics.median(v):.2f}"
+            for v in ([r.source_cpu_seconds for r in runs if r.ok and r.source_cpu_seconds is not None]
+                      for runs in (c.baseline, ours))
+        )
         rows.append(
-            f"| {n} | {_fmt(q)} | {_fmt(o)} | {ratio} | {spread} | {paired_ratio(qemu, ours)} "
+            f"| {n} | {_fmt(q)} | {_fmt(o)} | {c.ratio} | {spread} | {c.paired} "
             f"| {'—' if not startup else f'{statistics.median(startup):.2f}'} "
-            f"| {'—' if not rss else f'{statistics.median(rss):.0f} / {max(rss):.0f}'} | {cpu} "
-            f"| {sum(r.ok for r in qemu)}/{len(qemu)}, {sum(r.ok for r in ours)}/{len(ours)} |"
+            f"| {_median_max(rss)} | {cpu} | {c.ok_runs} |"
         )
     return "\n".join(rows)
 
