@@ -74,6 +74,18 @@ class _Tracker:
         raise NotImplementedError
 
     def _totals(self, live: list[dict[str, Any]]) -> dict[str, int]:
+        return {
+            "migrations_started": self.completed + self.failed + len(live),
+            "migrations_completed": self.completed,
+            "migrations_failed": self.failed,
+            "migrations_in_progress": len(live),
+            **self._ownTotals(live),
+        }
+
+    def _ownTotals(self, live: list[dict[str, Any]]) -> dict[str, int]:
+        """
+        The totals besides the counts of migrations.
+        """
         raise NotImplementedError
 
     def status(self) -> dict[str, Any]:
@@ -171,12 +183,8 @@ class StatusTracker(_Tracker):
             "error": None,
         }
 
-    def _totals(self, live: list[dict[str, Any]]) -> dict[str, int]:
+    def _ownTotals(self, live: list[dict[str, Any]]) -> dict[str, int]:
         return {
-            "migrations_started": self.completed + self.failed + len(live),
-            "migrations_completed": self.completed,
-            "migrations_failed": self.failed,
-            "migrations_in_progress": len(live),
             "bytes_received": self.endedBytes + sum(m["bytes"] for m in live),
             "pages_received": self.endedPages + sum(m["pages"]["with_data"] + m["pages"]["zero"] for m in live),
             "channels_connected": sum(
@@ -251,12 +259,8 @@ class RelayStatusTracker(_Tracker):
             "error": None,
         }
 
-    def _totals(self, live: list[dict[str, Any]]) -> dict[str, int]:
+    def _ownTotals(self, live: list[dict[str, Any]]) -> dict[str, int]:
         return {
-            "migrations_started": self.completed + self.failed + len(live),
-            "migrations_completed": self.completed,
-            "migrations_failed": self.failed,
-            "migrations_in_progress": len(live),
             "bytes_to_destination": self.endedToDestination + sum(m["bytes_to_destination"] for m in live),
             "bytes_to_source": self.endedToSource + sum(m["bytes_to_source"] for m in live),
             "channels_connected": sum(
