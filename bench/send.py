@@ -61,8 +61,10 @@ from qemu_harness import (
     LEGACY_WINDOW,
     HarnessError,
     HarnessTimeout,
+    ManagedProcess,
     QemuLab,
     QemuVM,
+    package_environment,
 )
 
 from bench.receive import (
@@ -189,16 +191,12 @@ def ensure_capture(ctx: Context, channels: int, root: Path) -> Path:
 # --------------------------------------------------------------------------
 
 
-class SendProcess:
+class SendProcess(ManagedProcess):
     """``twisted-multifd send``, started and imported but held until :meth:`go`."""
 
     def __init__(self, code_root: Path, args: list[str], run_dir: Path, python_args: list[str]) -> None:
-        self.stdout_path = run_dir / "send.stdout"
-        self.stderr_path = run_dir / "send.stderr"
         ready_read, ready_write = os.pipe()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code_root), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
+        env = package_environment(code_root)
         if python_args:
             env["TMF_BENCH_PROFILE"] = "1"
         # A script file rather than -c, so that -m cProfile can run it too.
@@ -206,12 +204,12 @@ class SendProcess:
         script.write_text(_CHILD)
         argv = [sys.executable, *python_args, str(script), str(ready_write), *args]
         started = time.monotonic()
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.popen = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=out, stderr=err, env=env, cwd=code_root,
-                pass_fds=(ready_write,), start_new_session=True,
+        try:
+            super().__init__(
+                "send", argv, run_dir, env=env, cwd=code_root, stdin=subprocess.PIPE, pass_fds=(ready_write,)
             )
-        os.close(ready_write)
+        finally:
+            os.close(ready_write)
         try:
             ready, _, _ = select.select([ready_read], [], [], 60)
             line = os.read(ready_read, 64) if ready else b""
@@ -226,19 +224,6 @@ class SendProcess:
         assert self.popen.stdin is not None
         self.popen.stdin.write(b"go\n")
         self.popen.stdin.close()
-
-    def describe(self) -> str:
-        tail = self.stderr_path.read_text(errors="replace")[-4000:] if self.stderr_path.exists() else ""
-        return f"--- send (pid {self.popen.pid}, returncode {self.popen.poll()}): stderr tail:\n{tail}"
-
-    def close(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
 
 
 def wait_for_send(

@@ -314,6 +314,8 @@ class ManagedProcess:
         *,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        stdin: Any = subprocess.DEVNULL,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -323,11 +325,12 @@ class ManagedProcess:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.popen = subprocess.Popen(
                 self.argv,
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=out,
                 stderr=err,
                 env=env,
                 cwd=cwd,
+                pass_fds=pass_fds,
                 start_new_session=True,
             )
         self.started = time.monotonic()
@@ -856,6 +859,15 @@ def write_junk_file(path: Path, size: int = RAM_SIZE) -> Path:
 # --------------------------------------------------------------------------
 
 
+def package_environment(root: Path) -> dict[str, str]:
+    """Our environment, with the ``twisted_multifd`` package in ``root``
+    first on the path and unbuffered output (logs as they happen)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 class CommandProcess(ManagedProcess):
     """``python -m twisted_multifd ARGS`` (``send``, ``export``, ...), run as a user would.
 
@@ -873,10 +885,7 @@ class CommandProcess(ManagedProcess):
         python_args: Sequence[str] = (),
     ) -> None:
         argv = [sys.executable, *python_args, "-m", "twisted_multifd", *args]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        super().__init__(name, argv, log_dir, env=env, cwd=root)
+        super().__init__(name, argv, log_dir, env=package_environment(root), cwd=root)
 
 
 class ListeningProcess(CommandProcess):
