@@ -928,6 +928,20 @@ def summary_table(results: list[RunResult], channel_counts: list[int]) -> str:
     return "\n".join(rows)
 
 
+def write_results(json_path: Path, record: dict[str, Any], results: list[RunResult], runs_dir: Path) -> int:
+    """
+    Write a benchmark's JSON record, say where, and give its exit status:
+    1 if any run failed, else 0.
+    """
+    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"results: {json_path}")
+    failed = [r for r in results if not r.ok]
+    if failed:
+        print(f"{len(failed)} run(s) FAILED; logs under {runs_dir}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_line(r: RunResult) -> str:
     def num(value: float | None, fmt: str = ".2f") -> str:
         return "—" if value is None else format(value, fmt)
@@ -1053,28 +1067,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name} ({workdir})\n{text}\n")
 
     json_path = args.json or workdir / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    json_path.write_text(
-        json.dumps(
-            {
-                "command": command,
-                "machine": facts,
-                "code_before": version,
-                "code_after": version_after,
-                "size": args.size,
-                "page_size": PAGE_SIZE,
-                "max_bandwidth": args.max_bandwidth,
-                "disk_baseline": baseline,
-                "results": [asdict(r) for r in results],
-                "table": table,
-                "profiles": profiles,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
-    print(f"results: {json_path}")
-    failed = [r for r in results if not r.ok]
-    if failed:
-        print(f"{len(failed)} run(s) FAILED; logs under {runs_dir}", file=sys.stderr)
-        return 1
-    return 0
+    record = {
+        "command": command,
+        "machine": facts,
+        "code_before": version,
+        "code_after": version_after,
+        "size": args.size,
+        "page_size": PAGE_SIZE,
+        "max_bandwidth": args.max_bandwidth,
+        "disk_baseline": baseline,
+        "results": [asdict(r) for r in results],
+        "table": table,
+        "profiles": profiles,
+    }
+    return write_results(json_path, record, results, runs_dir)

@@ -27,11 +27,9 @@ the table). Results (JSON) and logs of every run go to ``--workdir``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -59,6 +57,7 @@ from bench.receive import (
     ensure_backing_file,
     machine_facts,
     qemu_for,
+    write_results,
     run_line,
     run_qemu_destination,
     snapshot_library,
@@ -235,26 +234,15 @@ def run(args: argparse.Namespace) -> int:
     for name, text in profiles.items():
         print(f"{name} ({workdir})\n{text}\n")
     json_path = args.json or workdir / f"relay-results-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    json_path.write_text(
-        json.dumps(
-            {
-                "command": command,
-                "machine": facts,
-                "code": version,
-                "measured_fingerprint": measured,
-                "size": args.size,
-                "max_bandwidth": args.max_bandwidth,
-                "results": [asdict(r) for r in results],
-                "table": table,
-                "profiles": profiles,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
-    print(f"results: {json_path}")
-    failed = [r for r in results if not r.ok]
-    if failed:
-        print(f"{len(failed)} run(s) FAILED; logs under {runs_dir}", file=sys.stderr)
-        return 1
-    return 0
+    record = {
+        "command": command,
+        "machine": facts,
+        "code": version,
+        "measured_fingerprint": measured,
+        "size": args.size,
+        "max_bandwidth": args.max_bandwidth,
+        "results": [asdict(r) for r in results],
+        "table": table,
+        "profiles": profiles,
+    }
+    return write_results(json_path, record, results, runs_dir)

@@ -90,6 +90,7 @@ from bench.receive import (
     ensure_backing_file,
     machine_facts,
     qemu_for,
+    write_results,
     run_qemu_destination,
     snapshot_library,
     stop_py_spy,
@@ -489,19 +490,15 @@ def run(args: argparse.Namespace) -> int:
     table = summary_table(results, args.channels)
     print(f"\n{table}\n")
     if args.compare is not None:
-        table += "\n\n--compare " + str(args.compare) + ":\n\n" + summary_table(results, args.channels, "compare")
-        print(f"--compare {args.compare}:\n\n{summary_table(results, args.channels, 'compare')}\n")
+        compared = summary_table(results, args.channels, "compare")
+        table += f"\n\n--compare {args.compare}:\n\n{compared}"
+        print(f"--compare {args.compare}:\n\n{compared}\n")
     for name, text in profiles.items():
         print(f"{name} ({base})\n{text}\n")
     json_path = args.json or base / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    json_path.write_text(json.dumps({
+    record = {
         "command": command, "machine": facts, "code": version, "measured_fingerprint": measured,
         "size": args.size, "max_bandwidth": args.max_bandwidth,
         "results": [asdict(r) for r in results], "table": table, "profiles": profiles,
-    }, indent=1) + "\n")
-    print(f"results: {json_path}")
-    failed = [r for r in results if not r.ok]
-    if failed:
-        print(f"{len(failed)} run(s) FAILED; logs under {runs_dir}", file=sys.stderr)
-        return 1
-    return 0
+    }
+    return write_results(json_path, record, results, runs_dir)
