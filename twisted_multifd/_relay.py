@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._closing import skipEmptySends
 from ._errors import ConnectionClosed, MigrationError, MigrationTimeout, ProtocolError
 from ._initpacket import INIT_PACKET_SIZE, MultiFDInitPacket, parseInitPacket, checkChannelJoins
 from ._sniff import MAIN_CHANNEL, ChannelSniffer, describePeer, sourceHost
@@ -306,6 +307,7 @@ class RelayedConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.source.transport = self.transport
+        skipEmptySends(self.transport)
         if self.kind == MAIN_CHANNEL:
             self.transport.pauseProducing()
             log.info("{label}: classified as main channel", label=self.label)
@@ -369,10 +371,12 @@ class RelayedConnection(Protocol):
     def _lost(self, end: _End, reason: Failure) -> None:
         if end.lost is not None:
             return
-        # Both peers had ended what they send: nothing can be lost any more. A
-        # peer that has closed its socket makes the final (empty) write of our
-        # half-close or close fail (EPIPE on a Unix socket; QEMU 7.2 closes its
-        # side as soon as it has loaded the stream), which is no failure.
+        # Both peers had ended what they send: nothing can be lost any more,
+        # and an error closing a socket its peer has closed is no failure
+        # (QEMU 7.2 closes its side as soon as it has loaded the stream). The
+        # empty send Twisted flushes with before closing is skipped
+        # altogether (_closing): it failed with EPIPE on a Unix socket whose
+        # peer had closed, before the relay had read that peer's EOF.
         bothEnded = end.readEnded and self._other(end).readEnded
         end.lost = reason
         end.readEnded = True
@@ -449,6 +453,7 @@ class RelayedConnection(Protocol):
         if self._stopped:
             transport.abortConnection()  # type: ignore[attr-defined]
             return
+        skipEmptySends(transport)
         _noDelay(transport)
         source = self.source
         if source.lost is None:

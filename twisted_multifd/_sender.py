@@ -75,6 +75,7 @@ from ._capturereader import (
     loadCapture,
     readPageWindows,
 )
+from ._closing import skipEmptySends
 from ._compression import (
     COMPRESSION_VALUES,
     SUPPORTED_COMPRESSION,
@@ -511,6 +512,7 @@ class _Connection(Protocol):
             if setNoDelay is not None:
                 setNoDelay(True)  # as QEMU's multifd sockets
         transport = self.transport
+        skipEmptySends(transport)
         self.socket = _directSocket(transport)
         if self.socket is not None:
             assert isinstance(transport, FileDescriptor)
