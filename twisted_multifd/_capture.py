@@ -32,7 +32,7 @@ from zope.interface import implementer
 from ._errors import MigrationError
 from ._interfaces import IMigrationSink
 from ._mainstream import Configuration, RamBlock
-from ._packet import DeviceStatePacket
+from ._packet import DeviceStatePacket, isOneRun
 from ._records import MigrationInfo, MigrationResult
 from ._tail import StreamTail
 
@@ -41,6 +41,7 @@ MANIFEST_FORMAT = 1
 
 # Page states in the per-block map.
 _NEVER, _ZERO, _DATA = 0, 1, 2
+_DATA_RUN = bytes([_DATA])
 
 
 # File names stay well under NAME_MAX (255 bytes) whatever the block name
@@ -232,29 +233,35 @@ class _BlockImage:
     def write(self, offsets: Sequence[int], data: Any) -> None:
         pageSize = self.pageSize
         view = memoryview(data)
-        pages = self.pages
-        fd = self.fd
         # One pwrite per run of consecutive pages: packets usually carry long
-        # runs, and pwrite fails cleanly (ENOSPC) where a mapping would SIGBUS.
+        # runs (most often the whole packet is one), and pwrite fails cleanly
+        # (ENOSPC) where a mapping would SIGBUS.
         count = len(offsets)
         i = 0
+        if count and isOneRun(tuple(offsets), pageSize):
+            self._writeRun(offsets[0], view[: count * pageSize])
+            i = count
         while i < count:
             start = offsets[i]
             j = i + 1
             while j < count and offsets[j] == start + (j - i) * pageSize:
                 j += 1
-            chunk = view[i * pageSize : j * pageSize]
-            written = os.pwrite(fd, chunk, start)
-            while written < len(chunk):
-                written += os.pwrite(fd, chunk[written:], start + written)
-            first = start // pageSize
-            pages[first : first + (j - i)] = b"\x02" * (j - i)
+            self._writeRun(start, view[i * pageSize : j * pageSize])
             i = j
         if self._writeback is not None:
             self._unkicked += len(view)
             if self._unkicked >= WRITEBACK_EVERY:
                 self._unkicked = 0
-                self._writeback.kick(fd)
+                self._writeback.kick(self.fd)
+
+    def _writeRun(self, start: int, chunk: memoryview) -> None:
+        fd = self.fd
+        written = os.pwrite(fd, chunk, start)
+        while written < len(chunk):
+            written += os.pwrite(fd, chunk[written:], start + written)
+        first = start // self.pageSize
+        count = len(chunk) // self.pageSize
+        self.pages[first : first + count] = _DATA_RUN * count
 
     def zero(self, offsets: Sequence[int]) -> None:
         pageSize = self.pageSize

@@ -22,7 +22,7 @@ from ._errors import ConnectionClosed, MigrationError, MigrationTimeout, Protoco
 from ._initpacket import MultiFDInitPacket, checkChannelJoins
 from ._interfaces import IMigrationSink
 from ._mainstream import Command, Configuration, RamBlock, RamBlockList, RamSection
-from ._packet import DeviceStatePacket, RamPacket
+from ._packet import DeviceStatePacket, RamPacket, isOneRun
 from ._records import MigrationInfo, MigrationResult
 from ._tail import StreamTail
 
@@ -32,6 +32,26 @@ if TYPE_CHECKING:
 log = Logger(namespace="twisted_multifd.migration")
 
 ASSEMBLING, LOADING, DRAINING, COMPLETE, FAILED = "assembling", "loading", "draining", "complete", "failed"
+
+
+def _firstOffsetOutside(offsets: tuple[int, ...], pageSize: int, limit: int) -> int | None:
+    """
+    The first of C{offsets} that is not the start of a page at or below
+    C{limit}, or L{None}. A run of consecutive pages is checked at its ends.
+    """
+    if not offsets:
+        return None
+    if isOneRun(offsets, pageSize):
+        first = offsets[0]
+        if first % pageSize or first > limit:
+            return first
+        if offsets[-1] > limit:
+            return first + ((limit - first) // pageSize + 1) * pageSize
+        return None
+    for offset in offsets:
+        if offset % pageSize or offset > limit:
+            return offset
+    return None
 
 
 def _formatRate(size: int, seconds: float) -> str:
@@ -251,10 +271,11 @@ class Migration:
                 raise ProtocolError("pages after the end of the main stream", field="packet")
             pageSize = self.pageSize
             limit = block.length - pageSize
-            for offset in packet.normalOffsets + packet.zeroOffsets:
-                if offset % pageSize or offset > limit:
+            for offsets in (packet.normalOffsets, packet.zeroOffsets):
+                bad = _firstOffsetOutside(offsets, pageSize, limit)
+                if bad is not None:
                     raise ProtocolError(
-                        f"offset {offset:#x} is not a page of {block.name!r} ({block.length:#x} bytes)",
+                        f"offset {bad:#x} is not a page of {block.name!r} ({block.length:#x} bytes)",
                         field="offset",
                     )
             value = packet.compression

@@ -53,6 +53,20 @@ def ramHeaderSize(pageSize: int) -> int:
     return RAM_HEADER_FIXED + 8 * pagesPerPacket(pageSize)
 
 
+def isOneRun(offsets: tuple[int, ...], pageSize: int) -> bool:
+    """
+    Whether C{offsets} are consecutive pages in ascending order, C{pageSize}
+    apart: what a QEMU source sends for a run of dirty pages, nearly every
+    packet. Checked by one comparison in C, so that the callers can deal with
+    the whole run at once instead of page by page (at 2,048 packets per GiB,
+    the per-page loops were a fifth of the receiver's Python time).
+    """
+    if not offsets:
+        return True
+    first = offsets[0]
+    return offsets == tuple(range(first, first + len(offsets) * pageSize, pageSize))
+
+
 @attrs.frozen
 class RamPacket:
     """
