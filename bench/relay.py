@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{key}: {value}")
     print(f"guest RAM {args.size / 2**20:.0f} MiB, random; channels {args.channels}; {args.runs} runs each")
 
-    backing, digest = ensure_backing_file(workdir, args.size)
+    backing, digest = ensure_backing_file(workdir, args.size, args.drop_caches)
     ctx = Context(
         qemu, args.size, backing, digest, workdir, runs_dir, args.timeout, args.max_bandwidth, args.settle, code_root
     )
