@@ -33,6 +33,12 @@ waits (``--settle``) for a quiet machine, so disturbed runs can be told
 apart. The receiver runs from a copy of ``twisted_multifd/`` taken at start,
 so edits to the work tree during a benchmark do not change what is measured.
 
+With ``--floor`` every round also runs ``bench/floorsink.py``: the same
+bytes read with ``recv_into`` and written durably (writeback every 64 MiB,
+``fsync``) by one thread, with no parsing at all. Its row says what this
+machine charges for moving a migration through Python to the disk, so the
+distance from it to the receiver is the receiver's own work.
+
 Optional extra runs (not in the table): ``--profile N`` runs the receiver
 under cProfile with N channels, ``--py-spy N`` samples it with py-spy.
 Results (JSON), logs of every run and profiles go to ``--workdir``.
@@ -73,6 +79,8 @@ from qemu_harness import (
     QemuBinary,
     QemuLab,
     QemuVM,
+    ListeningProcess,
+    ManagedProcess,
     ReceiverProcess,
     accelerator,
     find_qemu,
@@ -204,6 +212,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("qemu", "ours"),
         help="run only one kind of destination (for diagnosis; the ratio column then stays empty)",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run bench/floorsink.py each round (read and store the bytes, parse nothing): "
+        "the floor for any receiver in Python on this machine",
+    )
     parser.add_argument("--json", type=Path, help="write all results here (default WORKDIR/results-TIME.json)")
 
 
@@ -214,7 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class RunResult:
-    kind: str  # "qemu" (QEMU destination) or "ours" (twisted-multifd receiver)
+    kind: str  # "qemu" (QEMU destination), "ours" (twisted-multifd receiver) or "floor" (bench/floorsink.py)
     channels: int
     index: int
     ok: bool = False
@@ -545,7 +559,7 @@ def wait_for_completion(
     timeout: float,
     describe: Any,
     destination: QemuVM | None = None,
-    receiver: ReceiverProcess | None = None,
+    receiver: ManagedProcess | None = None,
 ) -> Completion:
     """Block (select, no polling) until the source's MIGRATION ``completed``
     event and the destination side's end: the destination QEMU's
@@ -725,6 +739,58 @@ def _run_receiver(
         shutil.rmtree(capture_parent, ignore_errors=True)
         if spy is not None:
             stop_py_spy(spy)
+    return result
+
+
+class FloorSinkProcess(ManagedProcess):
+    """``python bench/floorsink.py``: listens like the receiver (address file), exits 0 once all is stored."""
+
+    role = "floor sink"
+    wait_for_address = ListeningProcess.wait_for_address
+
+    def __init__(self, channels: int, output: Path, size: int, log_dir: Path) -> None:
+        self.address_file = log_dir / "floorsink.address"
+        super().__init__("floorsink", [
+            sys.executable, str(Path(__file__).with_name("floorsink.py")), "--address-file", str(self.address_file),
+            "--channels", str(channels), "--output", str(output), "--size", str(size),
+        ], log_dir)  # fmt: skip
+
+
+def run_floor(ctx: Context, channels: int, index: int) -> RunResult:
+    waited = wait_for_quiet(ctx.settle)
+    result = RunResult("floor", channels, index)
+    result.quiet_wait_seconds = round(waited, 1)
+    run_dir = ctx.run_dir(f"floor-ch{channels}-{index}")
+    capture_parent = Path(tempfile.mkdtemp(prefix="capture-", dir=ctx.capture_dir or ctx.workdir))
+    try:
+        with QemuLab(run_dir) as lab:
+            sink = FloorSinkProcess(channels, capture_parent / "floor", ctx.size, run_dir / "logs")
+            try:
+                address = sink.wait_for_address()
+                source = lab.start_source(ctx.qemu, ctx.backing, ctx.settings(channels), ram_size=ctx.size)
+                cpu_before = _cpu_pair(source, sink.popen.pid)
+                window = Window()
+                started = time.monotonic()
+                source.migrate(address)
+                done = wait_for_completion(source, started, ctx.timeout, lambda: lab.describe() + sink.describe(),
+                                           receiver=sink)
+                window.close()
+                result.wall, result.source_completed = done.destination, done.source
+                result.destination_peak_rss_kib = done.peak_rss_kib
+                rusage = done.receiver_rusage
+                result.destination_cpu_seconds = _delta(rusage.ru_utime + rusage.ru_stime, cpu_before[1])
+                _source_stats(result, source, cpu_before[0])
+                window.record(result)
+                stored = sum(f.stat().st_blocks * 512 for f in (capture_parent / "floor").iterdir())
+                if stored < ctx.size:
+                    raise HarnessError(f"the floor sink stored {stored} bytes, less than the {ctx.size} of RAM")
+                result.ok = True
+            finally:
+                sink.close()
+    except Exception as exc:  # noqa: BLE001  (recorded, reported, and the benchmark goes on)
+        _record_failure(result, exc, run_dir)
+    finally:
+        shutil.rmtree(capture_parent, ignore_errors=True)
     return result
 
 
@@ -958,6 +1024,28 @@ def summary_table(results: list[RunResult], channel_counts: list[int]) -> str:
     return "\n".join(rows)
 
 
+def floor_table(results: list[RunResult], channel_counts: list[int]) -> str:
+    """The receiver against the floor sink (bench/floorsink.py) of the same rounds."""
+    rows = [
+        "| channels | floor sink wall s (median / min / max) | ours / floor (medians) | ours / floor per pair: "
+        "median (min–max) | floor / QEMU (medians) | floor CPU s (median) | ours CPU s (median) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in channel_counts:
+        ours = WallComparison.of(results, n, "ours", baseline="floor")
+        floor = WallComparison.of(results, n, "floor")
+
+        def cpu(runs: list[RunResult]) -> str:
+            values = [r.destination_cpu_seconds for r in runs if r.ok and r.destination_cpu_seconds is not None]
+            return f"{statistics.median(values):.2f}" if values else "—"
+
+        rows.append(
+            f"| {n} | {_fmt(ours.baseline_wall)} | {ours.ratio} | {ours.paired} | {floor.ratio} "
+            f"| {cpu(ours.baseline)} | {cpu(ours.measured)} |"
+        )
+    return "\n".join(rows)
+
+
 def write_results(json_path: Path, record: dict[str, Any], results: list[RunResult], runs_dir: Path) -> int:
     """
     Write a benchmark's JSON record, say where, and give its exit status:
@@ -1067,6 +1155,9 @@ def run(args: argparse.Namespace) -> int:
             if args.only != "qemu":
                 results.append(run_receiver(ctx, channels, index, verify=verify))
                 print(run_line(results[-1]), flush=True)
+            if args.floor:
+                results.append(run_floor(ctx, channels, index))
+                print(run_line(results[-1]), flush=True)
 
     profiles: dict[str, str] = {}
     for channels in args.profile:
@@ -1085,6 +1176,8 @@ def run(args: argparse.Namespace) -> int:
             profiles[f"py-spy-ch{channels}"] = summarize_py_spy(path)
 
     table = summary_table(results, args.channels)
+    if args.floor:
+        table += "\n\n" + floor_table(results, args.channels)
     version_after = code_version()
     if version_after["library_fingerprint"] != measured:
         print(

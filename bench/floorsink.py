@@ -1,0 +1,131 @@
+"""The floor for any Python receiver: take a migration's bytes and store them durably, nothing else.
+
+``python bench/floorsink.py --address-file FILE --channels N --output DIR --size BYTES``
+listens on an ephemeral loopback port (written to FILE as
+``tcp:127.0.0.1:PORT``), accepts the main channel and N multifd channels,
+and reads every connection to its end in one thread with one epoll loop, as
+the receiver does: ``recv_into`` a reused 512 KiB buffer, then ``pwrite`` to
+one file per connection in DIR (each first sized to the RAM, as the receiver
+sizes its images), writeback started every 64 MiB from a
+helper thread and ``fsync`` at the end, as the receiver's capture writer
+does. It parses nothing, checks nothing, and its files are not a capture.
+
+``bench receive --floor`` runs it beside the QEMU destination and the
+receiver, so that the table says how much of the receiver's time is this
+machine's cost of moving the bytes through Python to a disk and how much is
+the receiver's own work. A QEMU source needs no answer from its destination,
+so it migrates into this sink as into any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import selectors
+import socket
+import threading
+from pathlib import Path
+
+BUFFER = 512 * 1024
+READ_BUDGET = 8 * 1024 * 1024
+WRITEBACK_EVERY = 64 * 1024 * 1024
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _syncFileRange() -> object | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address-file", type=Path, required=True)
+    parser.add_argument("--channels", type=int, required=True)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--size", type=int, required=True, help="guest RAM bytes: each file is sized to it first")
+    args = parser.parse_args()
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(64)
+    pending = args.address_file.with_suffix(".tmp")
+    pending.write_text(f"tcp:127.0.0.1:{listening.getsockname()[1]}\n")
+    os.replace(pending, args.address_file)
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    syncFileRange = _syncFileRange()
+    kicks: list[int] = []
+    kicked = threading.Condition()
+
+    def writeback() -> None:
+        while True:
+            with kicked:
+                while not kicks:
+                    kicked.wait()
+                fd = kicks.pop()
+            if fd < 0:
+                return
+            syncFileRange(fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
+
+    writer = threading.Thread(target=writeback, daemon=True)
+    writer.start()
+
+    selector = selectors.EpollSelector()
+    files = []
+    for index in range(args.channels + 1):
+        connection, _ = listening.accept()
+        connection.setblocking(False)
+        fd = os.open(args.output / f"connection-{index}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Sized first, as the receiver sizes its images: writes that extend
+        # a file cost ext4 more (the size changes on every write).
+        os.ftruncate(fd, args.size)
+        files.append(fd)
+        state = {"fd": fd, "offset": 0, "unkicked": 0, "view": memoryview(bytearray(BUFFER))}
+        selector.register(connection, selectors.EVENT_READ, state)
+    listening.close()
+
+    open_connections = args.channels + 1
+    while open_connections:
+        for key, _ in selector.select():
+            connection, state = key.fileobj, key.data
+            view, fd = state["view"], state["fd"]
+            moved = 0
+            while moved < READ_BUDGET:
+                try:
+                    count = connection.recv_into(view)  # type: ignore[union-attr]
+                except BlockingIOError:
+                    break
+                if not count:
+                    selector.unregister(connection)
+                    connection.close()  # type: ignore[union-attr]
+                    open_connections -= 1
+                    break
+                written = 0
+                while written < count:
+                    written += os.pwrite(fd, view[written:count], state["offset"] + written)
+                state["offset"] += count
+                moved += count
+                state["unkicked"] += count
+                if syncFileRange is not None and state["unkicked"] >= WRITEBACK_EVERY:
+                    state["unkicked"] = 0
+                    with kicked:
+                        if fd not in kicks:
+                            kicks.append(fd)
+                            kicked.notify()
+    with kicked:
+        kicks.insert(0, -1)
+        kicked.notify()
+    writer.join()
+    for fd in files:
+        os.fsync(fd)
+        os.close(fd)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
