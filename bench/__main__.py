@@ -1,11 +1,11 @@
-"""``python -m bench receive|send|relay|sniff ...``: see :mod:`bench.receive`, :mod:`bench.send`, :mod:`bench.relay` and :mod:`bench.sniff`."""
+"""``python -m bench receive|send|relay|sniff|parse ...``: see :mod:`bench.receive`, :mod:`bench.send`, :mod:`bench.relay`, :mod:`bench.sniff` and :mod:`bench.parse`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bench import receive, relay, send, sniff
+from bench import parse, receive, relay, send, sniff
 
 
 # (name, module, one-line help): each module has add_arguments(parser) and run(args).
@@ -14,6 +14,7 @@ COMMANDS = (
     ("relay", relay, "QEMU -> QEMU directly vs. QEMU -> twisted-multifd relay -> QEMU"),
     ("sniff", sniff, "connections/s classified by the ChannelSniffer vs. a plain 4-byte Twisted server"),
     ("send", send, "QEMU source vs. twisted-multifd send of a capture, same QEMU destination"),
+    ("parse", parse, "the receiver's own work per multifd packet, in process, layer by layer"),
 )
 
 
