@@ -974,10 +974,8 @@ class _Sender:
                 self._touch()
                 budget -= written
             self.clock.callLater(0, self._pump)
-        except CaptureError as e:
-            self._fail(SendError(f"reading the capture failed: {e}"))
-        except OSError as e:
-            self._fail(SendError(f"reading the capture failed: {e}"))
+        except (CaptureError, OSError) as e:
+            self.readFailed(e)
         except Exception as e:
             log.failure("{label}: unexpected error", label=self.label)
             self._fail(SendError(f"{type(e).__name__}: {e}"))
@@ -1110,10 +1108,10 @@ class _Sender:
             connection=connection.label,
         ))
 
-    def readFailed(self, error: CaptureError) -> None:
+    def readFailed(self, error: CaptureError | OSError) -> None:
         """
-        What was left of a window could not be read (see
-        L{_Connection.resumeProducing}).
+        The capture could not be read: while pumping, or what was left of a
+        window (see L{_Connection.resumeProducing}).
         """
         self._fail(SendError(f"reading the capture failed: {error}"))
 
