@@ -6,9 +6,9 @@ listens on an ephemeral loopback port (written to FILE as
 and reads every connection to its end in one thread with one epoll loop, as
 the receiver does: ``recv_into`` a reused 512 KiB buffer, then ``pwrite`` to
 one file per connection in DIR (each first sized to the RAM, as the receiver
-sizes its images), writeback started every 64 MiB from a
-helper thread and ``fsync`` at the end, as the receiver's capture writer
-does. It parses nothing, checks nothing, and its files are not a capture.
+sizes its images), writeback started every 64 MiB by the capture writer's
+own helper thread and ``fsync`` at the end, as the receiver does. It parses
+nothing, checks nothing, and its files are not a capture.
 
 ``bench receive --floor`` runs it beside the QEMU destination and the
 receiver, so that the table says how much of the receiver's time is this
@@ -20,26 +20,19 @@ so it migrates into this sink as into any other.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import selectors
 import socket
-import threading
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# The receiver's own writeback: the floor stores the bytes the way it does.
+from twisted_multifd._capture import WRITEBACK_EVERY, _EarlyWriteback  # noqa: E402
 
 BUFFER = 512 * 1024
 READ_BUDGET = 8 * 1024 * 1024
-WRITEBACK_EVERY = 64 * 1024 * 1024
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def _syncFileRange() -> object | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return function
 
 
 def main() -> int:
@@ -58,23 +51,7 @@ def main() -> int:
     os.replace(pending, args.address_file)
     args.output.mkdir(parents=True, exist_ok=True)
 
-    syncFileRange = _syncFileRange()
-    kicks: list[int] = []
-    kicked = threading.Condition()
-
-    def writeback() -> None:
-        while True:
-            with kicked:
-                while not kicks:
-                    kicked.wait()
-                fd = kicks.pop()
-            if fd < 0:
-                return
-            syncFileRange(fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
-
-    writer = threading.Thread(target=writeback, daemon=True)
-    writer.start()
-
+    writeback = _EarlyWriteback()
     selector = selectors.EpollSelector()
     files = []
     for index in range(args.channels + 1):
@@ -111,16 +88,10 @@ def main() -> int:
                 state["offset"] += count
                 moved += count
                 state["unkicked"] += count
-                if syncFileRange is not None and state["unkicked"] >= WRITEBACK_EVERY:
+                if state["unkicked"] >= WRITEBACK_EVERY:
                     state["unkicked"] = 0
-                    with kicked:
-                        if fd not in kicks:
-                            kicks.append(fd)
-                            kicked.notify()
-    with kicked:
-        kicks.insert(0, -1)
-        kicked.notify()
-    writer.join()
+                    writeback.kick(fd)
+    writeback.shutdown()
     for fd in files:
         os.fsync(fd)
         os.close(fd)

@@ -702,7 +702,6 @@ def _run_receiver(
     label = "ours-cprofile" if profile else "ours-pyspy" if py_spy else "ours"
     result = RunResult(label, channels, index)
     run_dir = ctx.run_dir(f"{label}-ch{channels}-{index}")
-    settings = ctx.settings(channels)
     capture_parent = Path(tempfile.mkdtemp(prefix="capture-", dir=ctx.capture_dir or ctx.workdir))
     output = capture_parent / "capture"
     spy: subprocess.Popen[bytes] | None = None
@@ -713,24 +712,12 @@ def _run_receiver(
             address = receiver.wait_for_address()
             if py_spy is not None:
                 spy = _start_py_spy(receiver.popen.pid, py_spy, run_dir)
-            source = lab.start_source(ctx.qemu, ctx.backing, settings, ram_size=ctx.size)
-            cpu_before = _cpu_pair(source, receiver.popen.pid)
-            window = Window()
-            started = time.monotonic()
-            source.migrate(address)
-            done = wait_for_completion(source, started, ctx.timeout, lab.describe, receiver=receiver)
-            window.close()
-            result.wall, result.source_completed = done.destination, done.source
-            rusage = done.receiver_rusage
-            result.destination_peak_rss_kib = done.peak_rss_kib
+            rusage = _migrate_into_process(ctx, lab, channels, receiver, address, lab.describe, result)
             # Not the receiver's own peak when it is lower than ours (see the module docstring).
             result.extra["receiver_ru_maxrss_kib"] = rusage.ru_maxrss
             result.extra["bench_ru_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            result.destination_cpu_seconds = _delta(rusage.ru_utime + rusage.ru_stime, cpu_before[1])
             result.extra["receiver_user_seconds_total"] = rusage.ru_utime
             result.extra["receiver_system_seconds_total"] = rusage.ru_stime
-            _source_stats(result, source, cpu_before[0])
-            window.record(result)
             _check_capture(ctx, result, receiver, channels, verify, lab.describe)
             result.ok = True
     except Exception as exc:  # noqa: BLE001  (recorded, reported, and the benchmark goes on)
@@ -740,6 +727,32 @@ def _run_receiver(
         if spy is not None:
             stop_py_spy(spy)
     return result
+
+
+def _migrate_into_process(
+    ctx: Context, lab: QemuLab, channels: int, destination: ManagedProcess, address: str, describe: Any,
+    result: RunResult,
+) -> Any:
+    """
+    Migrate a fresh source into C{destination} (a process listening on
+    C{address} that exits once it is done: the receiver, the floor sink),
+    timed; record wall, CPU, peak RSS and the source's figures in C{result}.
+    Returns the destination's rusage.
+    """
+    source = lab.start_source(ctx.qemu, ctx.backing, ctx.settings(channels), ram_size=ctx.size)
+    cpu_before = _cpu_pair(source, destination.popen.pid)
+    window = Window()
+    started = time.monotonic()
+    source.migrate(address)
+    done = wait_for_completion(source, started, ctx.timeout, describe, receiver=destination)
+    window.close()
+    result.wall, result.source_completed = done.destination, done.source
+    result.destination_peak_rss_kib = done.peak_rss_kib
+    rusage = done.receiver_rusage
+    result.destination_cpu_seconds = _delta(rusage.ru_utime + rusage.ru_stime, cpu_before[1])
+    _source_stats(result, source, cpu_before[0])
+    window.record(result)
+    return rusage
 
 
 class FloorSinkProcess(ManagedProcess):
@@ -767,20 +780,9 @@ def run_floor(ctx: Context, channels: int, index: int) -> RunResult:
             sink = FloorSinkProcess(channels, capture_parent / "floor", ctx.size, run_dir / "logs")
             try:
                 address = sink.wait_for_address()
-                source = lab.start_source(ctx.qemu, ctx.backing, ctx.settings(channels), ram_size=ctx.size)
-                cpu_before = _cpu_pair(source, sink.popen.pid)
-                window = Window()
-                started = time.monotonic()
-                source.migrate(address)
-                done = wait_for_completion(source, started, ctx.timeout, lambda: lab.describe() + sink.describe(),
-                                           receiver=sink)
-                window.close()
-                result.wall, result.source_completed = done.destination, done.source
-                result.destination_peak_rss_kib = done.peak_rss_kib
-                rusage = done.receiver_rusage
-                result.destination_cpu_seconds = _delta(rusage.ru_utime + rusage.ru_stime, cpu_before[1])
-                _source_stats(result, source, cpu_before[0])
-                window.record(result)
+                _migrate_into_process(
+                    ctx, lab, channels, sink, address, lambda: lab.describe() + sink.describe(), result
+                )
                 stored = sum(f.stat().st_blocks * 512 for f in (capture_parent / "floor").iterdir())
                 if stored < ctx.size:
                     raise HarnessError(f"the floor sink stored {stored} bytes, less than the {ctx.size} of RAM")
