@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from zope.interface import implementer
 
+from ._directread import PageFile
 from ._errors import MigrationError
 from ._interfaces import IMigrationSink
 from ._mainstream import Configuration, RamBlock
@@ -248,8 +249,11 @@ class _BlockImage:
                 j += 1
             self._writeRun(start, view[i * pageSize : j * pageSize])
             i = j
+        self._wrote(len(view))
+
+    def _wrote(self, size: int) -> None:
         if self._writeback is not None:
-            self._unkicked += len(view)
+            self._unkicked += size
             if self._unkicked >= WRITEBACK_EVERY:
                 self._unkicked = 0
                 self._writeback.kick(self.fd)
@@ -262,6 +266,15 @@ class _BlockImage:
         first = start // self.pageSize
         count = len(chunk) // self.pageSize
         self.pages[first : first + count] = _DATA_RUN * count
+
+    def stored(self, start: int, count: int) -> None:
+        """
+        C{count} pages from block offset C{start} were written into the
+        image by the receiver itself.
+        """
+        first = start // self.pageSize
+        self.pages[first : first + count] = _DATA_RUN * count
+        self._wrote(count * self.pageSize)
 
     def zero(self, offsets: Sequence[int]) -> None:
         pageSize = self.pageSize
@@ -356,6 +369,23 @@ class CaptureWriter:
             self._images[block.name].write(offsets, data)
         except OSError as e:
             raise _writeError(self.directory, self._fileOf(block), e) from e
+
+    # The receiver's private fast path (see twisted_multifd._directread): a
+    # run of pages is spliced from the socket straight into its image, and
+    # only recorded here once its packet is delivered.
+
+    def _pageFile(self, block: RamBlock, offset: int, length: int) -> PageFile | None:
+        image = self._images.get(block.name)
+        if image is None or image.fd < 0:
+            return None
+
+        def failed(e: OSError) -> MigrationError:
+            return _writeError(self.directory, self._fileOf(block), e)
+
+        return PageFile(image.fd, offset, length, failed)
+
+    def _pagesStored(self, block: RamBlock, offsets: Sequence[int]) -> None:
+        self._images[block.name].stored(offsets[0], len(offsets))
 
     def zeroPages(self, block: RamBlock, offsets: Sequence[int]) -> None:
         try:

@@ -16,9 +16,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._directread import DirectReader, canReadDirectly
+from ._directread import DirectReader, PageFile, canReadDirectly
 from ._errors import ConnectionClosed, MigrationError, ProtocolError
-from ._incremental import IncrementalParser, ParserGenerator
+from ._incremental import IncrementalParser, PagePayload, ParserGenerator
 from ._initpacket import INIT_PACKET_SIZE, MultiFDInitPacket, parseInitPacket
 from ._mainstream import (
     FLUSH_PER_SECTION,
@@ -61,6 +61,7 @@ class _Channel(Protocol):
 
     migration: "Migration | None" = None
     parser: IncrementalParser
+    _reader: DirectReader | None = None
 
     def __init__(self, receiver: "MigrationReceiverFactory", peer: Any) -> None:
         self.receiver = receiver
@@ -94,6 +95,31 @@ class _Channel(Protocol):
         if self.parser.directFilled(count):
             self._process()
 
+    def externalReceived(self, count: int) -> None:
+        """
+        C{count} bytes of a page payload were received and stored by the
+        reader itself (see L{DirectReader}).
+        """
+        if self.migration is not None:
+            self.migration.countBytes(count)
+        if self.parser.externalFilled(count):
+            self._process()
+
+    def pageFileFor(self, payload: PagePayload) -> PageFile | None:
+        """
+        Where the reader may store C{payload}'s pages itself, if the
+        migration allows it now, else L{None}.
+        """
+        if self.migration is None:
+            return None
+        return self.migration.pageFileFor(payload.block, payload.offsets)
+
+    def storingFailed(self, error: MigrationError) -> None:
+        """
+        Storing pages the reader received itself failed.
+        """
+        self._fail(error.onConnection(self.label))
+
     @property
     def finished(self) -> bool:
         """
@@ -110,6 +136,8 @@ class _Channel(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self._lost = reason
+        if self._reader is not None:
+            self._reader.close()
         if self._detached:
             return
         self.parser.end()
@@ -284,7 +312,8 @@ class MultiFDChannel(_Channel):
         if canReadDirectly(self.transport):
             # Pages go from the socket straight into the parser's reused
             # buffer, and from there to the sink.
-            DirectReader(self.transport, self).install()
+            self._reader = DirectReader(self.transport, self)
+            self._reader.install()
         elif isinstance(getattr(self.transport, "bufferSize", None), int):
             # Other transports with this knob read as they do, but in larger
             # reads; the rest (TLS, test transports) are left alone.

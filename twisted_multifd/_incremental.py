@@ -32,6 +32,46 @@ class View(int):
     __slots__ = ()
 
 
+class PagePayload(View):
+    """
+    Request: the payload of a RAM packet's pages, a L{View} that also says
+    where the pages belong (C{block} name and page C{offsets}), so that a
+    reader able to store them itself (L{twisted_multifd._directread} splices
+    them into the capture file) may take the bytes past the parser; it then
+    reports them with L{IncrementalParser.externalFilled}, and the parser gets
+    a L{DeliveredElsewhere} instead of the bytes. A driver that does not know
+    this request treats it as a L{View}.
+    """
+
+    # An int subclass cannot have non-empty __slots__.
+    block: str
+    offsets: tuple[int, ...]
+
+    def __new__(cls, size: int, block: str, offsets: tuple[int, ...]) -> "PagePayload":
+        self = super().__new__(cls, size)
+        self.block = block
+        self.offsets = offsets
+        return self
+
+
+class DeliveredElsewhere:
+    """
+    What a parser gets for a L{PagePayload} whose bytes the reader stored
+    itself: their size, not their contents.
+    """
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"<{self.size} bytes delivered elsewhere>"
+
+
 class _ToEnd:
     """
     Request: every remaining byte, once the stream has ended.
@@ -89,8 +129,11 @@ class IncrementalParser:
         self._smallBuffer = bytearray()
         # A request completed in place, not yet handed to the parser.
         self._completed: Any = None
+        # Bytes of the pending PagePayload stored by the reader itself.
+        self._external = 0
 
     def feed(self, data: bytes) -> None:
+        assert not self._external, "bytes fed in the middle of a payload delivered elsewhere"
         if self._direct is not None:
             # Whatever was received in place comes first.
             self._queue.append(bytes(self._direct[: self._filled]))
@@ -111,6 +154,8 @@ class IncrementalParser:
         buffer that the next L{View} request reuses: like a view of a queued
         chunk, it is only valid until the parser asks for more.
         """
+        if self._external:
+            return None
         if self._direct is None:
             request = self._exactRequest()
             if request is None:
@@ -118,7 +163,7 @@ class IncrementalParser:
             queued = len(self._queue)
             if queued >= request:
                 return None
-            if type(request) is View:
+            if isinstance(request, View):
                 if len(self._viewBuffer) < request:
                     # Sized for a whole multifd packet of 4 KiB pages at
                     # least, so that it is not regrown packet after packet.
@@ -153,7 +198,38 @@ class IncrementalParser:
         self._filled = 0
         # Handed to the parser by the next nextEvent, so that its errors are
         # raised where they always are.
-        self._completed = received.toreadonly() if type(request) is View else bytes(received)
+        self._completed = received.toreadonly() if isinstance(request, View) else bytes(received)
+        return True
+
+    def pendingPagePayload(self) -> PagePayload | None:
+        """
+        The pending request if it is a L{PagePayload} of which no byte has
+        been received yet (so that a reader may take all of it past the
+        parser), else L{None}.
+        """
+        if self._direct is not None or self._external or len(self._queue):
+            return None
+        request = self._exactRequest()
+        if type(request) is PagePayload:
+            return request
+        return None
+
+    def externalFilled(self, count: int) -> bool:
+        """
+        C{count} more bytes of the pending L{PagePayload} (see
+        L{pendingPagePayload}) were received and stored by the reader itself.
+
+        @return: whether that completed the request; the parser then gets a
+            L{DeliveredElsewhere} for it.
+        """
+        request = self._request
+        assert type(request) is PagePayload and self._direct is None
+        self._external += count
+        if self._external < request:
+            return False
+        assert self._external == request, "more bytes delivered elsewhere than the payload has"
+        self._external = 0
+        self._completed = DeliveredElsewhere(int(request))
         return True
 
     def wanted(self) -> int:
@@ -165,7 +241,7 @@ class IncrementalParser:
         request = self._exactRequest()
         if request is None:
             return 0
-        return max(0, request - len(self._queue) - self._filled)
+        return max(0, request - len(self._queue) - self._filled - self._external)
 
     def _exactRequest(self) -> int | None:
         """
@@ -189,7 +265,7 @@ class IncrementalParser:
         Bytes received but not yet parsed.
         """
         completed = 0 if self._completed is None else len(self._completed)
-        return len(self._queue) + self._filled + completed
+        return len(self._queue) + self._filled + self._external + completed
 
     @property
     def done(self) -> bool:
@@ -232,7 +308,7 @@ class IncrementalParser:
                     return None
                 self._boundary = False
                 self.consumed += request
-                if type(request) is View:
+                if isinstance(request, View):
                     self._advance(self._queue.takeView(request))
                 else:
                     self._advance(self._queue.take(request))

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from ._compression import compressionName
 from ._errors import ConnectionClosed, MigrationError, MigrationTimeout, ProtocolError
+from ._incremental import DeliveredElsewhere
 from ._initpacket import MultiFDInitPacket, checkChannelJoins
 from ._interfaces import IMigrationSink
 from ._mainstream import Command, Configuration, RamBlock, RamBlockList, RamSection
@@ -28,6 +29,7 @@ from ._tail import StreamTail
 
 if TYPE_CHECKING:
     from ._channels import MainChannel, MultiFDChannel
+    from ._directread import PageFile
 
 log = Logger(namespace="twisted_multifd.migration")
 
@@ -107,6 +109,8 @@ class Migration:
         )
         self.idleTimeout = idleTimeout
         self._idleTimer: IDelayedCall | None = None
+        # A capture's private hook: pages spliced straight into its files.
+        self._pageFile: Callable[[RamBlock, int, int], PageFile | None] | None = getattr(sink, "_pageFile", None)
         self._bytesAtIdleCheck = 0
         self._lastActivity = 0.0
 
@@ -288,11 +292,36 @@ class Migration:
                 )
             if packet.normalOffsets:
                 self._pagesWithData += len(packet.normalOffsets)
-                self.sink.writePages(block, packet.normalOffsets, packet.data)
+                if type(packet.data) is DeliveredElsewhere:
+                    # Already in the sink's file (see pageFileFor).
+                    self.sink._pagesStored(block, packet.normalOffsets)
+                else:
+                    self.sink.writePages(block, packet.normalOffsets, packet.data)
             if packet.zeroOffsets:
                 self.zeroPagesOn.add("multifd")
                 self._zeroPages += len(packet.zeroOffsets)
                 self.sink.zeroPages(block, packet.zeroOffsets)
+
+    def pageFileFor(self, blockName: str, offsets: tuple[int, ...]) -> PageFile | None:
+        """
+        Where a multifd channel's reader may store the payload of a packet
+        carrying pages C{offsets} of C{blockName} itself, before the packet
+        reaches L{multifdPacket}: only while loading, for a run of pages
+        inside a known block, into a sink that keeps pages in files.
+        Anything else (including every packet L{multifdPacket} would refuse)
+        gets L{None} and goes the ordinary way.
+        """
+        pageFile = self._pageFile
+        if pageFile is None or self.state != LOADING or self.blocks is None or self.compression:
+            return None
+        block = self.blocks.get(blockName)
+        pageSize = self.pageSize
+        if block is None or not offsets or not isOneRun(offsets, pageSize):
+            return None
+        if _firstOffsetOutside(offsets, pageSize, block.length - pageSize) is not None:
+            return None
+        target: PageFile | None = pageFile(block, offsets[0], len(offsets) * pageSize)
+        return target
 
     def multifdDeviceState(self, packet: DeviceStatePacket) -> None:
         self.sink.deviceStatePacket(packet)

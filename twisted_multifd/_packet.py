@@ -22,7 +22,7 @@ from ._compression import (
     makeDecompressor,
 )
 from ._errors import ProtocolError
-from ._incremental import RECORD_BOUNDARY, ParserGenerator, View
+from ._incremental import RECORD_BOUNDARY, PagePayload, ParserGenerator
 from ._initpacket import MULTIFD_MAGIC, MULTIFD_VERSION
 
 MULTIFD_PACKET_SIZE = 512 * 1024
@@ -77,7 +77,8 @@ class RamPacket:
     @ivar normalOffsets: block offsets of the pages carried in C{data}, in order.
     @ivar zeroOffsets: block offsets of pages that are zero (QEMU 9.0+).
     @ivar data: the (decompressed) contents of the normal pages, back to back
-        (C{bytes}, or a read-only C{memoryview} of received bytes).
+        (C{bytes}, or a read-only C{memoryview} of received bytes), or a
+        L{DeliveredElsewhere} when the reader stored them itself.
     """
 
     flags: int
@@ -202,8 +203,9 @@ def channelPackets(pageSize: int, compression: int | None = None) -> ParserGener
             data = b""
         elif value == 0:
             # Passed on to the sink as it is: no need to copy it out of the
-            # received chunk when it lies in one.
-            data = yield View(expected)
+            # received chunk when it lies in one. A reader that can store the
+            # pages itself may do so (the data is then DeliveredElsewhere).
+            data = yield PagePayload(expected, block, offsets[:normal])
         else:
             # A compressed payload can be slightly larger than its input.
             if nextSize > 2 * expected + 4096:

@@ -1,0 +1,307 @@
+"""
+Pages spliced from a multifd channel's socket straight into a capture's
+image (L{twisted_multifd._directread}): the capture is the same as when the
+pages pass through Python, packets the migration would refuse are never
+spliced, a file that cannot be spliced into still gets its pages, and
+writing errors and cut connections are reported as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+
+from twisted_multifd import CaptureWriter, MigrationReceiverFactory
+from twisted_multifd import _directread
+from twisted_multifd._capturereader import loadCapture
+from twisted_multifd._directread import DirectReader
+from twisted_multifd._incremental import DeliveredElsewhere, IncrementalParser, PagePayload
+from twisted_multifd._initpacket import INIT_PACKET_SIZE
+from twisted_multifd._migration import Migration
+from twisted_multifd._packet import RamPacket, buildRamPacket, channelPackets
+from twisted_multifd.testing import playOverTCP, synthesizeMigration
+
+PAGE = 4096
+
+needsSplice = pytest.mark.skipif(not hasattr(os, "splice"), reason="splice(2) is Linux-only")
+
+
+class _Readers:
+    """
+    Records every L{DirectReader} installed while in use.
+    """
+
+    def __init__(self, splicing: bool = True) -> None:
+        self.readers: list[DirectReader] = []
+        self._original = DirectReader.install
+        self._splicing = splicing
+
+    def __enter__(self) -> "_Readers":
+        original = self._original
+        readers = self.readers
+        splicing = self._splicing
+
+        def install(reader: DirectReader) -> None:
+            readers.append(reader)
+            reader.splicing = reader.splicing and splicing
+            original(reader)
+
+        DirectReader.install = install  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        DirectReader.install = self._original  # type: ignore[method-assign]
+
+    @property
+    def spliced(self) -> int:
+        return sum(reader.splicedPayloads for reader in self.readers)
+
+
+def _captured(folder: Path) -> dict[str, bytes]:
+    capture = loadCapture(str(folder))
+    assert capture.complete, capture.error
+    return {block.name: Path(block.path).read_bytes() for block in capture.blocks}
+
+
+def _endingFactory(folder: Path, channels: int) -> tuple[MigrationReceiverFactory, Deferred[Any]]:
+    """
+    A capturing receiver and a Deferred that fires with its migration's result.
+    """
+    ended: Deferred[Any] = Deferred()
+    factory = MigrationReceiverFactory(
+        lambda info: CaptureWriter(str(folder)), channels=channels, onMigrationEnded=ended.callback
+    )
+    return factory, ended
+
+
+def test_parserHandsOverPayloadsDeliveredElsewhere() -> None:
+    """
+    A reader that stores a page payload itself reports its size; the parser
+    then yields the packet with a L{DeliveredElsewhere} of that size, and
+    counts the bytes as consumed.
+    """
+    payload = os.urandom(3 * PAGE)
+    packet = buildRamPacket(pageSize=PAGE, flags=0, packetNum=7, block="pc.ram",
+                            normalOffsets=(8 * PAGE, 9 * PAGE, 10 * PAGE), payload=payload)
+    parser = IncrementalParser(channelPackets(PAGE))
+    header = len(packet) - len(payload)
+    parser.feed(packet[:header])
+    assert parser.nextEvent() is None
+    request = parser.pendingPagePayload()
+    assert isinstance(request, PagePayload)
+    assert (int(request), request.block, request.offsets) == (3 * PAGE, "pc.ram", (8 * PAGE, 9 * PAGE, 10 * PAGE))
+    assert not parser.externalFilled(PAGE)
+    assert parser.directBuffer() is None and parser.buffered == PAGE and not parser.atBoundary
+    assert parser.pendingPagePayload() is None
+    assert parser.externalFilled(2 * PAGE)
+    event = parser.nextEvent()
+    assert isinstance(event, RamPacket) and type(event.data) is DeliveredElsewhere
+    assert len(event.data) == 3 * PAGE and event.normalOffsets == (8 * PAGE, 9 * PAGE, 10 * PAGE)
+    assert parser.consumed == len(packet)
+
+
+def test_payloadPartlyQueuedIsNotOfferedForSplicing() -> None:
+    """
+    Once any byte of a payload is held by the parser, the rest must follow
+    it there: the payload is not offered to be stored elsewhere.
+    """
+    payload = bytes(2 * PAGE)
+    packet = buildRamPacket(pageSize=PAGE, flags=0, packetNum=1, block="pc.ram",
+                            normalOffsets=(0, PAGE), payload=payload)
+    parser = IncrementalParser(channelPackets(PAGE))
+    parser.feed(packet[: len(packet) - len(payload) + 10])
+    assert parser.nextEvent() is None
+    assert parser.pendingPagePayload() is None
+
+
+@needsSplice
+@pytest_twisted.inlineCallbacks
+def test_capturedThroughSpliceOverTCP(tmp_path: Path):
+    """
+    Over real loopback TCP into a capture, page payloads are spliced into
+    the images, and the capture holds exactly the source's memory (zero
+    pages, pages sent again in later rounds and all).
+    """
+    migration = synthesizeMigration(seed=21, convention="10.0", channels=3, dirtyRounds=2)
+    captures = {}
+    for splicing in (True, False):
+        folder = tmp_path / f"capture-{splicing}"
+        factory, ended = _endingFactory(folder, 3)
+        with _Readers(splicing) as readers:
+            yield playOverTCP(reactor, factory, migration, order=[2, 0, 3, 1])
+        result = yield ended
+        assert result.complete, result.error
+        assert (readers.spliced > 0) == splicing
+        assert _captured(folder) == migration.memory
+        captures[splicing] = loadCapture(str(folder))
+    # The same page records either way (which pages hold data, which are zero).
+    assert [attrs.evolve(block, path="", file="") for block in captures[True].blocks] == [
+        attrs.evolve(block, path="", file="") for block in captures[False].blocks
+    ]
+
+
+@needsSplice
+@pytest_twisted.inlineCallbacks
+def test_filesThatRefuseSpliceStillGetTheirPages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """
+    If splicing into the image fails (a filesystem without splice support
+    says EINVAL), the bytes already taken from the socket are written the
+    ordinary way, the channel stops splicing, and the capture is exact.
+    """
+    real = os.splice
+    refused: list[int] = []
+
+    def splice(source: int, destination: int, count: int, **kwargs: Any) -> int:
+        if "offset_dst" in kwargs:
+            refused.append(count)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(source, destination, count, **kwargs)
+
+    monkeypatch.setattr(_directread.os, "splice", splice)
+    migration = synthesizeMigration(seed=5, convention="10.0", channels=2, dirtyRounds=1)
+    factory, ended = _endingFactory(tmp_path / "capture", 2)
+    with _Readers() as readers:
+        yield playOverTCP(reactor, factory, migration)
+    result = yield ended
+    assert result.complete, result.error
+    # One refusal per channel that had pages, then no more splicing.
+    assert 1 <= len(refused) <= 2
+    assert all(not reader.splicing for reader in readers.readers if reader.splicedPayloads)
+    assert _captured(tmp_path / "capture") == migration.memory
+
+
+@needsSplice
+@pytest_twisted.inlineCallbacks
+def test_writeErrorWhileSplicingFailsTheCapture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """
+    A disk that is full while pages are spliced into an image fails the
+    migration with the capture's own error (which capture, which file, what
+    failed), and the capture is not complete.
+    """
+    real = os.splice
+
+    def splice(source: int, destination: int, count: int, **kwargs: Any) -> int:
+        if "offset_dst" in kwargs:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(source, destination, count, **kwargs)
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_directread.os, "splice", splice)
+    monkeypatch.setattr(_directread.os, "pwrite", pwrite)
+    migration = synthesizeMigration(seed=6, convention="10.0", channels=1, dirtyRounds=0)
+    factory, ended = _endingFactory(tmp_path / "capture", 1)
+    yield playOverTCP(reactor, factory, migration)
+    result = yield ended
+    assert not result.complete
+    # As when a pwrite of pages passed through Python fails.
+    assert result.error == (
+        f"capture {tmp_path / 'capture'}: writing ram/pc.ram.img failed: No space left on device (errno 28)"
+    )
+    assert not loadCapture(str(tmp_path / "capture"), strict=False).complete
+
+
+@needsSplice
+@pytest_twisted.inlineCallbacks
+def test_pagesOutsideTheBlockAreRefusedNotSpliced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """
+    A packet whose pages lie beyond its block is refused as before (the
+    offset named), and not one of its bytes reaches the image.
+    """
+    migration = synthesizeMigration(seed=8, convention="10.0", channels=1, dirtyRounds=0)
+    [channel] = migration.multifd
+    length = len(migration.memory["pc.ram"])
+    # A good packet first: the sniffer's first read takes the start of it.
+    good = buildRamPacket(pageSize=PAGE, flags=0, packetNum=98, block="pc.ram",
+                          normalOffsets=tuple(PAGE * i for i in range(32)), payload=os.urandom(32 * PAGE))
+    bad = buildRamPacket(pageSize=PAGE, flags=0, packetNum=99, block="pc.ram",
+                         normalOffsets=(length - PAGE, length), payload=b"\xee" * (2 * PAGE))
+    asked: list[tuple[tuple[int, ...], Any]] = []
+    original = Migration.pageFileFor
+
+    def pageFileFor(self: Migration, blockName: str, offsets: tuple[int, ...]) -> Any:
+        answer = original(self, blockName, offsets)
+        asked.append((offsets, answer))
+        return answer
+
+    monkeypatch.setattr(Migration, "pageFileFor", pageFileFor)
+    factory, ended = _endingFactory(tmp_path / "capture", 1)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        address = ("127.0.0.1", port.getHost().port)
+        main = socket.create_connection(address)
+        multifd = socket.create_connection(address)
+        try:
+            main.sendall(migration.main.data)
+            multifd.sendall(channel.data[:INIT_PACKET_SIZE] + good + bad)
+            result = yield ended
+        finally:
+            main.close()
+            multifd.close()
+    finally:
+        yield port.stopListening()
+    assert not result.complete
+    assert f"offset {length:#x} is not a page of 'pc.ram'" in result.error
+    assert asked[-1] == ((length - PAGE, length), None)
+    image = next(block for block in loadCapture(str(tmp_path / "capture"), strict=False).blocks
+                 if block.name == "pc.ram")
+    # The one page of the packet inside the block was not written either.
+    assert Path(image.path).read_bytes()[length - PAGE :] == bytes(PAGE)
+    assert os.path.getsize(image.path) == length
+
+
+@needsSplice
+@pytest_twisted.inlineCallbacks
+def test_connectionCutInsideASplicedPayload(tmp_path: Path):
+    """
+    A channel that ends in the middle of a spliced payload fails the
+    migration with the same error as when the payload passes through Python
+    (how much of the packet arrived); the capture is not complete.
+    """
+    migration = synthesizeMigration(seed=3, convention="10.0", channels=1, dirtyRounds=0)
+    [channel] = migration.multifd
+    run = buildRamPacket(pageSize=PAGE, flags=0, packetNum=1, block="pc.ram",
+                         normalOffsets=tuple(PAGE * (16 + i) for i in range(8)), payload=os.urandom(8 * PAGE))
+    whole = buildRamPacket(pageSize=PAGE, flags=0, packetNum=0, block="pc.ram",
+                           normalOffsets=tuple(PAGE * i for i in range(32)), payload=os.urandom(32 * PAGE))
+    errors = {}
+    for splicing in (True, False):
+        folder = tmp_path / f"capture-{splicing}"
+        factory, ended = _endingFactory(folder, 1)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        try:
+            address = ("127.0.0.1", port.getHost().port)
+            with _Readers(splicing) as readers:
+                main = socket.create_connection(address)
+                multifd = socket.create_connection(address)
+                try:
+                    main.sendall(migration.main.data)
+                    # The initial packet, a whole packet (the sniffer's
+                    # first read takes the start of it), and a packet of one
+                    # run of 8 pages cut after 5.5 of them.
+                    multifd.sendall(channel.data[:INIT_PACKET_SIZE] + whole + run[: len(run) - 5 * PAGE // 2])
+                    multifd.close()
+                    result = yield ended
+                finally:
+                    main.close()
+        finally:
+            yield port.stopListening()
+        assert not result.complete
+        assert (readers.readers[0]._written > 0) == splicing
+        assert not loadCapture(str(folder), strict=False).complete
+        errors[splicing] = re.sub(r"127\.0\.0\.1:\d+", "PEER", result.error)
+    assert errors[True].startswith(
+        f"multifd channel 0 from PEER: connection ended in the middle of a packet ({5 * PAGE + PAGE // 2} bytes of it received"
+    )
+    assert errors[True] == errors[False]
