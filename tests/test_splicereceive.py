@@ -9,8 +9,8 @@ writing errors and cut connections are reported as before.
 from __future__ import annotations
 
 import errno
-import re
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,17 +18,25 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
-from twisted_multifd import CaptureWriter, MigrationReceiverFactory
-from twisted_multifd import _directread
+from twisted_multifd import CaptureWriter, MigrationReceiverFactory, _directread
 from twisted_multifd._capturereader import loadCapture
 from twisted_multifd._directread import DirectReader
-from twisted_multifd._incremental import DeliveredElsewhere, IncrementalParser, PagePayload
+from twisted_multifd._incremental import (
+    DeliveredElsewhere,
+    IncrementalParser,
+    PagePayload,
+)
 from twisted_multifd._initpacket import INIT_PACKET_SIZE
-from twisted_multifd._migration import Migration
-from twisted_multifd._packet import RamPacket, buildRamPacket, channelPackets
+from twisted_multifd._mainstream import RamBlock
+from twisted_multifd._migration import DRAINING, LOADING, Migration, _firstOffsetOutside
+from twisted_multifd._packet import RamPacket, buildRamPacket, channelPackets, isOneRun
+from twisted_multifd._records import MigrationInfo
 from twisted_multifd.testing import playOverTCP, synthesizeMigration
 
 PAGE = 4096
@@ -46,7 +54,7 @@ class _Readers:
         self._original = DirectReader.install
         self._splicing = splicing
 
-    def __enter__(self) -> "_Readers":
+    def __enter__(self) -> _Readers:
         original = self._original
         readers = self.readers
         splicing = self._splicing
@@ -59,7 +67,7 @@ class _Readers:
         DirectReader.install = install  # type: ignore[method-assign]
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         DirectReader.install = self._original  # type: ignore[method-assign]
 
     @property
@@ -305,3 +313,43 @@ def test_connectionCutInsideASplicedPayload(tmp_path: Path):
         f"multifd channel 0 from PEER: connection ended in the middle of a packet ({5 * PAGE + PAGE // 2} bytes of it received"
     )
     assert errors[True] == errors[False]
+
+
+class _FileSink:
+    def _pageFile(self, block: Any, offset: int, length: int) -> Any:
+        return (block.name, offset, length)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    first=st.integers(0, 40),
+    count=st.integers(0, 12),
+    gap=st.sampled_from([0, 0, 0, 1, PAGE]),
+    misaligned=st.booleans(),
+)
+def test_onlyRunsThatWouldBeAcceptedAreSpliced(first: int, count: int, gap: int, misaligned: bool) -> None:
+    """
+    The migration offers a file for a packet's pages exactly when they are
+    one run of pages that its own checks accept (aligned, inside the block):
+    splicing never writes anything the ordinary path would have refused.
+    """
+    block = RamBlock("pc.ram", 32 * PAGE)
+    offsets = [PAGE * (first + i) for i in range(count)]
+    if count > 1 and gap:
+        offsets[-1] += gap
+    if count and misaligned:
+        offsets = [offset + 8 for offset in offsets]
+    migration = Migration(
+        MigrationInfo(number=1, peer="test", channels=1, startedAt=0.0), _FileSink(),  # type: ignore[arg-type]
+        clock=Clock(), pageSize=PAGE, compression=None, channelTimeout=60.0, onEnded=lambda m, r: None,
+    )
+    migration.state = LOADING
+    migration.blocks = {"pc.ram": block}
+    accepted = bool(offsets) and isOneRun(tuple(offsets), PAGE) and (
+        _firstOffsetOutside(tuple(offsets), PAGE, block.length - PAGE) is None
+    )
+    answer = migration.pageFileFor("pc.ram", tuple(offsets))
+    assert answer == (("pc.ram", offsets[0], count * PAGE) if accepted else None)
+    assert migration.pageFileFor("other", tuple(offsets)) is None
+    migration.state = DRAINING
+    assert migration.pageFileFor("pc.ram", tuple(offsets)) is None

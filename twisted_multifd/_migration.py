@@ -275,7 +275,9 @@ class Migration:
                 raise ProtocolError("pages after the end of the main stream", field="packet")
             pageSize = self.pageSize
             limit = block.length - pageSize
-            for offsets in (packet.normalOffsets, packet.zeroOffsets):
+            stored = type(packet.data) is DeliveredElsewhere
+            # Pages already stored were checked by pageFileFor first.
+            for offsets in (() if stored else packet.normalOffsets, packet.zeroOffsets):
                 bad = _firstOffsetOutside(offsets, pageSize, limit)
                 if bad is not None:
                     raise ProtocolError(
@@ -292,7 +294,7 @@ class Migration:
                 )
             if packet.normalOffsets:
                 self._pagesWithData += len(packet.normalOffsets)
-                if type(packet.data) is DeliveredElsewhere:
+                if stored:
                     # Already in the sink's file (see pageFileFor).
                     self.sink._pagesStored(block, packet.normalOffsets)
                 else:
@@ -316,11 +318,14 @@ class Migration:
             return None
         block = self.blocks.get(blockName)
         pageSize = self.pageSize
-        if block is None or not offsets or not isOneRun(offsets, pageSize):
+        if block is None or not offsets:
             return None
-        if _firstOffsetOutside(offsets, pageSize, block.length - pageSize) is not None:
+        first = offsets[0]
+        # Consecutive pages from an aligned first one to a last one inside
+        # the block: every page is inside it (what _firstOffsetOutside checks).
+        if first % pageSize or offsets[-1] > block.length - pageSize or not isOneRun(offsets, pageSize):
             return None
-        target: PageFile | None = pageFile(block, offsets[0], len(offsets) * pageSize)
+        target: PageFile | None = pageFile(block, first, len(offsets) * pageSize)
         return target
 
     def multifdDeviceState(self, packet: DeviceStatePacket) -> None:
