@@ -1,14 +1,16 @@
 """The floor for any Python receiver: take a migration's bytes and store them durably, nothing else.
 
-``python bench/floorsink.py --address-file FILE --channels N --output DIR --size BYTES``
+``python bench/floorsink.py --address-file FILE --channels N --output DIR --size BYTES [--copy]``
 listens on an ephemeral loopback port (written to FILE as
 ``tcp:127.0.0.1:PORT``), accepts the main channel and N multifd channels,
 and reads every connection to its end in one thread with one epoll loop, as
-the receiver does: ``recv_into`` a reused 512 KiB buffer, then ``pwrite`` to
-one file per connection in DIR (each first sized to the RAM, as the receiver
-sizes its images), writeback started every 64 MiB by the capture writer's
-own helper thread and ``fsync`` at the end, as the receiver does. It parses
-nothing, checks nothing, and its files are not a capture.
+the receiver does, into one file per connection in DIR (each first sized to
+the RAM, as the receiver sizes its images): with ``splice`` from the socket
+into a 1 MiB pipe and from the pipe into the file, as the receiver stores
+page payloads, or with ``--copy`` by ``recv_into`` a reused 512 KiB buffer
+and ``pwrite``. Writeback is started every 64 MiB by the capture writer's own
+helper thread and the files are fsynced at the end, as the receiver does. It
+parses nothing, checks nothing, and its files are not a capture.
 
 ``bench receive --floor`` runs it beside the QEMU destination and the
 receiver, so that the table says how much of the receiver's time is this
@@ -20,6 +22,7 @@ so it migrates into this sink as into any other.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import selectors
 import socket
@@ -32,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from twisted_multifd._capture import WRITEBACK_EVERY, _EarlyWriteback  # noqa: E402
 
 BUFFER = 512 * 1024
+PIPE_SIZE = 1024 * 1024
 READ_BUDGET = 8 * 1024 * 1024
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
 def main() -> int:
@@ -41,6 +46,7 @@ def main() -> int:
     parser.add_argument("--channels", type=int, required=True)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--size", type=int, required=True, help="guest RAM bytes: each file is sized to it first")
+    parser.add_argument("--copy", action="store_true", help="recv_into + pwrite instead of splice")
     args = parser.parse_args()
 
     listening = socket.socket()
@@ -62,7 +68,10 @@ def main() -> int:
         # a file cost ext4 more (the size changes on every write).
         os.ftruncate(fd, args.size)
         files.append(fd)
-        state = {"fd": fd, "offset": 0, "unkicked": 0, "view": memoryview(bytearray(BUFFER))}
+        state = {"fd": fd, "offset": 0, "unkicked": 0, "view": memoryview(bytearray(BUFFER)), "pipe": None}
+        if not args.copy:
+            state["pipe"] = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            fcntl.fcntl(state["pipe"][1], getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
         selector.register(connection, selectors.EVENT_READ, state)
     listening.close()
 
@@ -73,8 +82,12 @@ def main() -> int:
             view, fd = state["view"], state["fd"]
             moved = 0
             while moved < READ_BUDGET:
+                pipe = state["pipe"]
                 try:
-                    count = connection.recv_into(view)  # type: ignore[union-attr]
+                    if pipe is None:
+                        count = connection.recv_into(view)  # type: ignore[union-attr]
+                    else:
+                        count = os.splice(connection.fileno(), pipe[1], PIPE_SIZE, flags=SPLICE_FLAGS)
                 except BlockingIOError:
                     break
                 if not count:
@@ -84,7 +97,10 @@ def main() -> int:
                     break
                 written = 0
                 while written < count:
-                    written += os.pwrite(fd, view[written:count], state["offset"] + written)
+                    if pipe is None:
+                        written += os.pwrite(fd, view[written:count], state["offset"] + written)
+                    else:
+                        written += os.splice(pipe[0], fd, count - written, offset_dst=state["offset"] + written)
                 state["offset"] += count
                 moved += count
                 state["unkicked"] += count

@@ -34,10 +34,12 @@ apart. The receiver runs from a copy of ``twisted_multifd/`` taken at start,
 so edits to the work tree during a benchmark do not change what is measured.
 
 With ``--floor`` every round also runs ``bench/floorsink.py``: the same
-bytes read with ``recv_into`` and written durably (writeback every 64 MiB,
-``fsync``) by one thread, with no parsing at all. Its row says what this
-machine charges for moving a migration through Python to the disk, so the
-distance from it to the receiver is the receiver's own work.
+bytes moved from each socket into a file with ``splice`` (as the receiver
+stores page payloads; ``--floor-copy``: ``recv_into`` and ``pwrite``) and
+written durably (writeback every 64 MiB, ``fsync``) by one thread, with no
+parsing at all. Its row says what this machine charges for moving a
+migration through Python to the disk, so the distance from it to the
+receiver is the receiver's own work.
 
 Optional extra runs (not in the table): ``--profile N`` runs the receiver
 under cProfile with N channels, ``--py-spy N`` samples it with py-spy.
@@ -218,6 +220,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run bench/floorsink.py each round (read and store the bytes, parse nothing): "
         "the floor for any receiver in Python on this machine",
     )
+    parser.add_argument(
+        "--floor-copy",
+        action="store_true",
+        help="the floor sink copies (recv_into + pwrite) instead of splicing",
+    )
     parser.add_argument("--json", type=Path, help="write all results here (default WORKDIR/results-TIME.json)")
 
 
@@ -271,6 +278,8 @@ class Context:
     """Folder holding the frozen copy of ``twisted_multifd`` that the receiver runs."""
     capture_dir: Path | None = None
     """Where the receiver writes its captures (default: the workdir)."""
+    floor_copy: bool = False
+    """The floor sink copies (recv_into + pwrite) instead of splicing."""
     sequence: int = 0
 
     def settings(self, channels: int) -> MigrationSettings:
@@ -761,11 +770,12 @@ class FloorSinkProcess(ManagedProcess):
     role = "floor sink"
     wait_for_address = ListeningProcess.wait_for_address
 
-    def __init__(self, channels: int, output: Path, size: int, log_dir: Path) -> None:
+    def __init__(self, channels: int, output: Path, size: int, log_dir: Path, copy: bool = False) -> None:
         self.address_file = log_dir / "floorsink.address"
         super().__init__("floorsink", [
             sys.executable, str(Path(__file__).with_name("floorsink.py")), "--address-file", str(self.address_file),
             "--channels", str(channels), "--output", str(output), "--size", str(size),
+            *(["--copy"] if copy else []),
         ], log_dir)  # fmt: skip
 
 
@@ -777,7 +787,7 @@ def run_floor(ctx: Context, channels: int, index: int) -> RunResult:
     capture_parent = Path(tempfile.mkdtemp(prefix="capture-", dir=ctx.capture_dir or ctx.workdir))
     try:
         with QemuLab(run_dir) as lab:
-            sink = FloorSinkProcess(channels, capture_parent / "floor", ctx.size, run_dir / "logs")
+            sink = FloorSinkProcess(channels, capture_parent / "floor", ctx.size, run_dir / "logs", ctx.floor_copy)
             try:
                 address = sink.wait_for_address()
                 _migrate_into_process(
@@ -1138,11 +1148,13 @@ def run(args: argparse.Namespace) -> int:
     for key, value in facts.items():
         print(f"{key}: {value}")
     print(f"guest RAM {args.size / 2**20:.0f} MiB, random; channels {args.channels}; {args.runs} runs each")
+    if args.floor:
+        print(f"floor sink: {'recv_into + pwrite' if args.floor_copy else 'splice'}")
 
     backing, digest = ensure_backing_file(workdir, args.size, args.drop_caches)
     ctx = Context(
         qemu, args.size, backing, digest, workdir, runs_dir, args.timeout, args.max_bandwidth, args.settle, code_root,
-        args.capture_dir,
+        args.capture_dir, args.floor_copy,
     )
     baseline = disk_baseline(ctx) if args.disk_baseline else None
 
