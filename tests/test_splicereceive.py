@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 
 from twisted_multifd import CaptureWriter, MigrationReceiverFactory, _directread
@@ -37,6 +38,7 @@ from twisted_multifd._mainstream import RamBlock
 from twisted_multifd._migration import DRAINING, LOADING, Migration, _firstOffsetOutside
 from twisted_multifd._packet import RamPacket, buildRamPacket, channelPackets, isOneRun
 from twisted_multifd._records import MigrationInfo
+from twisted_multifd._testing_pump import _StreamWriter
 from twisted_multifd.testing import playOverTCP, synthesizeMigration
 
 PAGE = 4096
@@ -353,3 +355,30 @@ def test_onlyRunsThatWouldBeAcceptedAreSpliced(first: int, count: int, gap: int,
     assert migration.pageFileFor("other", tuple(offsets)) is None
     migration.state = DRAINING
     assert migration.pageFileFor("pc.ram", tuple(offsets)) is None
+
+
+@needsSplice
+@pytest_twisted.inlineCallbacks
+def test_capturedThroughSpliceOverUnixSockets(tmp_path: Path):
+    """
+    Unix stream sockets are spliced from as TCP ones are: the capture is
+    exact and page payloads went the splice path.
+    """
+    migration = synthesizeMigration(seed=13, convention="10.0", channels=2, dirtyRounds=1)
+    factory, ended = _endingFactory(tmp_path / "capture", 2)
+    path = str(tmp_path / "receiver.sock")
+    port = reactor.listenUNIX(path, factory)
+    writers = []
+    try:
+        with _Readers() as readers:
+            # Multifd channels first, main last, as QEMU closes them.
+            for stream in (*migration.multifd, migration.main):
+                writers.append((yield connectProtocol(UNIXClientEndpoint(reactor, path), _StreamWriter(stream.data))))
+            for writer in writers:
+                writer.transport.loseConnection()
+            result = yield ended
+    finally:
+        yield port.stopListening()
+    assert result.complete, result.error
+    assert readers.spliced > 0
+    assert _captured(tmp_path / "capture") == migration.memory
