@@ -382,3 +382,32 @@ def test_capturedThroughSpliceOverUnixSockets(tmp_path: Path):
     assert result.complete, result.error
     assert readers.spliced > 0
     assert _captured(tmp_path / "capture") == migration.memory
+
+
+@needsSplice
+@pytest_twisted.inlineCallbacks
+def test_socketsThatRefuseSpliceAreReadAsBefore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """
+    If the socket cannot be spliced from (EINVAL before any byte was taken),
+    the payload is read the ordinary way, the channel stops splicing, and
+    the capture is exact.
+    """
+    real = os.splice
+    refused: list[int] = []
+
+    def splice(source: int, destination: int, count: int, **kwargs: Any) -> int:
+        if "offset_dst" not in kwargs:
+            refused.append(count)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(source, destination, count, **kwargs)
+
+    monkeypatch.setattr(_directread.os, "splice", splice)
+    migration = synthesizeMigration(seed=5, convention="10.0", channels=2, dirtyRounds=1)
+    factory, ended = _endingFactory(tmp_path / "capture", 2)
+    with _Readers() as readers:
+        yield playOverTCP(reactor, factory, migration)
+    result = yield ended
+    assert result.complete, result.error
+    assert 1 <= len(refused) <= 2
+    assert readers.spliced == 0
+    assert _captured(tmp_path / "capture") == migration.memory

@@ -28,6 +28,7 @@ other transport (TLS, test transports) goes on calling C{dataReceived}.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from typing import TYPE_CHECKING, Any, Callable
@@ -56,6 +57,15 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 
 def canReadDirectly(transport: Any) -> bool:
     return isinstance(transport, tcp.Connection) and getattr(transport, "socket", None) is not None
+
+
+_NOT_SUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+class _SocketNotSpliceable(Exception):
+    """
+    The socket cannot be spliced from (nothing was taken from it).
+    """
 
 
 @attrs.frozen
@@ -123,6 +133,11 @@ class DirectReader:
                     count = self._splicePages(sock.fileno())
                 except BlockingIOError:
                     return None
+                except _SocketNotSpliceable:
+                    # Nothing of the payload was taken: it is read as before.
+                    self._pageFile = None
+                    self.splicing = False
+                    continue
                 except OSError:
                     return main.CONNECTION_LOST
                 except MigrationError as e:
@@ -177,8 +192,13 @@ class DirectReader:
             except OSError:
                 pass
         pipeRead, pipeWrite = self._pipe
-        count = os.splice(socketFd, pipeWrite, min(pageFile.length - self._written, self._pipeSize),
-                          flags=_SPLICE_FLAGS)
+        try:
+            count = os.splice(socketFd, pipeWrite, min(pageFile.length - self._written, self._pipeSize),
+                              flags=_SPLICE_FLAGS)
+        except OSError as e:
+            if e.errno in _NOT_SUPPORTED and not self._written:
+                raise _SocketNotSpliceable() from e
+            raise
         if not count:
             return 0
         offset = pageFile.offset + self._written
