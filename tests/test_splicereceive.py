@@ -21,7 +21,7 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
 
@@ -94,6 +94,31 @@ def _endingFactory(folder: Path, channels: int) -> tuple[MigrationReceiverFactor
     return factory, ended
 
 
+@inlineCallbacks
+def _receiveRaw(folder: Path, main: bytes, multifd: bytes) -> Any:
+    """
+    Capture into C{folder} what a main channel and one multifd channel
+    send, written whole to plain sockets that are then closed (multifd
+    first); fires with the migration's result.
+    """
+    factory, ended = _endingFactory(folder, 1)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        address = ("127.0.0.1", port.getHost().port)
+        connections = [socket.create_connection(address), socket.create_connection(address)]
+        try:
+            connections[0].sendall(main)
+            connections[1].sendall(multifd)
+            connections[1].close()
+            result = yield ended
+        finally:
+            for connection in connections:
+                connection.close()
+    finally:
+        yield port.stopListening()
+    return result
+
+
 def test_parserHandsOverPayloadsDeliveredElsewhere() -> None:
     """
     A reader that stores a page payload itself reports its size; the parser
@@ -161,18 +186,20 @@ def test_capturedThroughSpliceOverTCP(tmp_path: Path):
 
 
 @needsSplice
+@pytest.mark.parametrize("refusing", ["file", "socket"])
 @pytest_twisted.inlineCallbacks
-def test_filesThatRefuseSpliceStillGetTheirPages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_refusedSpliceFallsBackToReading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusing: str):
     """
-    If splicing into the image fails (a filesystem without splice support
-    says EINVAL), the bytes already taken from the socket are written the
-    ordinary way, the channel stops splicing, and the capture is exact.
+    If splicing fails with EINVAL (a filesystem without splice support, or a
+    socket that cannot be spliced from), the payload is stored the ordinary
+    way (for a file: the bytes already in the pipe are read out and written),
+    the channel stops splicing, and the capture is exact.
     """
     real = os.splice
     refused: list[int] = []
 
     def splice(source: int, destination: int, count: int, **kwargs: Any) -> int:
-        if "offset_dst" in kwargs:
+        if ("offset_dst" in kwargs) == (refusing == "file"):
             refused.append(count)
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         return real(source, destination, count, **kwargs)
@@ -184,9 +211,11 @@ def test_filesThatRefuseSpliceStillGetTheirPages(tmp_path: Path, monkeypatch: py
         yield playOverTCP(reactor, factory, migration)
     result = yield ended
     assert result.complete, result.error
-    # One refusal per channel that had pages, then no more splicing.
+    # One refusal per channel that had a run of pages, then no more splicing.
     assert 1 <= len(refused) <= 2
     assert all(not reader.splicing for reader in readers.readers if reader.splicedPayloads)
+    if refusing == "socket":
+        assert readers.spliced == 0
     assert _captured(tmp_path / "capture") == migration.memory
 
 
@@ -246,21 +275,7 @@ def test_pagesOutsideTheBlockAreRefusedNotSpliced(tmp_path: Path, monkeypatch: p
         return answer
 
     monkeypatch.setattr(Migration, "pageFileFor", pageFileFor)
-    factory, ended = _endingFactory(tmp_path / "capture", 1)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    try:
-        address = ("127.0.0.1", port.getHost().port)
-        main = socket.create_connection(address)
-        multifd = socket.create_connection(address)
-        try:
-            main.sendall(migration.main.data)
-            multifd.sendall(channel.data[:INIT_PACKET_SIZE] + good + bad)
-            result = yield ended
-        finally:
-            main.close()
-            multifd.close()
-    finally:
-        yield port.stopListening()
+    result = yield _receiveRaw(tmp_path / "capture", migration.main.data, channel.data[:INIT_PACKET_SIZE] + good + bad)
     assert not result.complete
     assert f"offset {length:#x} is not a page of 'pc.ram'" in result.error
     assert asked[-1] == ((length - PAGE, length), None)
@@ -288,25 +303,14 @@ def test_connectionCutInsideASplicedPayload(tmp_path: Path):
     errors = {}
     for splicing in (True, False):
         folder = tmp_path / f"capture-{splicing}"
-        factory, ended = _endingFactory(folder, 1)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        try:
-            address = ("127.0.0.1", port.getHost().port)
-            with _Readers(splicing) as readers:
-                main = socket.create_connection(address)
-                multifd = socket.create_connection(address)
-                try:
-                    main.sendall(migration.main.data)
-                    # The initial packet, a whole packet (the sniffer's
-                    # first read takes the start of it), and a packet of one
-                    # run of 8 pages cut after 5.5 of them.
-                    multifd.sendall(channel.data[:INIT_PACKET_SIZE] + whole + run[: len(run) - 5 * PAGE // 2])
-                    multifd.close()
-                    result = yield ended
-                finally:
-                    main.close()
-        finally:
-            yield port.stopListening()
+        with _Readers(splicing) as readers:
+            # The initial packet, a whole packet (the sniffer's first read
+            # takes the start of it), and a packet of one run of 8 pages cut
+            # after 5.5 of them.
+            result = yield _receiveRaw(
+                folder, migration.main.data,
+                channel.data[:INIT_PACKET_SIZE] + whole + run[: len(run) - 5 * PAGE // 2],
+            )
         assert not result.complete
         assert (readers.readers[0]._written > 0) == splicing
         assert not loadCapture(str(folder), strict=False).complete
@@ -383,31 +387,3 @@ def test_capturedThroughSpliceOverUnixSockets(tmp_path: Path):
     assert readers.spliced > 0
     assert _captured(tmp_path / "capture") == migration.memory
 
-
-@needsSplice
-@pytest_twisted.inlineCallbacks
-def test_socketsThatRefuseSpliceAreReadAsBefore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """
-    If the socket cannot be spliced from (EINVAL before any byte was taken),
-    the payload is read the ordinary way, the channel stops splicing, and
-    the capture is exact.
-    """
-    real = os.splice
-    refused: list[int] = []
-
-    def splice(source: int, destination: int, count: int, **kwargs: Any) -> int:
-        if "offset_dst" not in kwargs:
-            refused.append(count)
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real(source, destination, count, **kwargs)
-
-    monkeypatch.setattr(_directread.os, "splice", splice)
-    migration = synthesizeMigration(seed=5, convention="10.0", channels=2, dirtyRounds=1)
-    factory, ended = _endingFactory(tmp_path / "capture", 2)
-    with _Readers() as readers:
-        yield playOverTCP(reactor, factory, migration)
-    result = yield ended
-    assert result.complete, result.error
-    assert 1 <= len(refused) <= 2
-    assert readers.spliced == 0
-    assert _captured(tmp_path / "capture") == migration.memory
