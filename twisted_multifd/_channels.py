@@ -311,7 +311,8 @@ class MultiFDChannel(_Channel):
         log.info("{label}: classified as multifd channel", label=self.label)
         if canReadDirectly(self.transport):
             # Pages go from the socket straight into the parser's reused
-            # buffer, and from there to the sink.
+            # buffer, and from there to the sink; or, for a sink that keeps
+            # them in files, spliced from the socket into the file.
             self._reader = DirectReader(self.transport, self)
             self._reader.install()
         elif isinstance(getattr(self.transport, "bufferSize", None), int):
