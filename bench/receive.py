@@ -56,6 +56,7 @@ import json
 import os
 import platform
 import pstats
+import random
 import re
 import resource
 import select
@@ -137,6 +138,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, workdir_help: str) -> 
     The options every QEMU-against-ours benchmark (receive, send, relay) has.
     """
     parser.add_argument("--size", type=parse_size, default=parse_size("1G"), help="guest RAM (default 1G)")
+    parser.add_argument(
+        "--memory",
+        choices=MEMORY_PATTERNS,
+        default="random",
+        help="guest RAM contents: random pages (default), or runs of random and zero pages mixed",
+    )
     parser.add_argument(
         "--channels", type=parse_channels, default=[1, 2, 4], help="multifd channel counts (default 1,2,4)"
     )
@@ -280,6 +287,8 @@ class Context:
     """Where the receiver writes its captures (default: the workdir)."""
     floor_copy: bool = False
     """The floor sink copies (recv_into + pwrite) instead of splicing."""
+    data_bytes: int | None = None
+    """Bytes of non-zero pages in the guest RAM (default: all of it)."""
     sequence: int = 0
 
     def settings(self, channels: int) -> MigrationSettings:
@@ -486,15 +495,58 @@ def drop_page_cache() -> None:
     print("page cache written back and dropped")
 
 
-def ensure_backing_file(workdir: Path, size: int, drop_caches: bool = False) -> tuple[Path, str]:
-    """``WORKDIR/random-SIZE.bin`` (random bytes; made once, reused) and its SHA-256.
+MEMORY_PATTERNS = ("random", "mixed")
+"""``random``: every page random bytes. ``mixed``: runs of 1–32 random pages and
+runs of 1–32 zero pages, alternating (lengths from a fixed seed), about half of
+the pages zero, so that multifd packets carry scattered data pages and zero
+pages, as a guest with used and free memory interleaved does."""
+
+MIXED_SEED = 6
+PAGE = 4096
+
+
+def _mixed_chunk(rng: random.Random, pages: int, state: list[int]) -> bytes:
+    """``pages`` pages of the mixed pattern; ``state`` is [data?, pages left in the run]."""
+    out = bytearray(pages * PAGE)
+    index = 0
+    while index < pages:
+        if state[1] == 0:
+            state[0] ^= 1
+            state[1] = rng.randint(1, 32)
+        take = min(state[1], pages - index)
+        if state[0]:
+            out[index * PAGE : (index + take) * PAGE] = os.urandom(take * PAGE)
+        index += take
+        state[1] -= take
+    return bytes(out)
+
+
+def memory_data_bytes(size: int, pattern: str) -> int:
+    """Bytes of pages that are not zero in a backing file of ``pattern``."""
+    if pattern == "random":
+        return size
+    rng = random.Random(MIXED_SEED)
+    data, remaining, pages = 0, size // PAGE, 0
+    state = 0
+    while remaining:
+        state ^= 1
+        pages = min(rng.randint(1, 32), remaining)
+        data += pages * PAGE if state else 0
+        remaining -= pages
+    return data
+
+
+def ensure_backing_file(
+    workdir: Path, size: int, drop_caches: bool = False, pattern: str = "random"
+) -> tuple[Path, str]:
+    """``WORKDIR/PATTERN-SIZE.bin`` (see L{MEMORY_PATTERNS}; made once, reused) and its SHA-256.
 
     With ``drop_caches``, the page cache is dropped first (L{drop_page_cache});
     hashing the file then reads it back in, as the source QEMU's memory.
     """
     if drop_caches:
         drop_page_cache()
-    path = workdir / f"random-{size // (1024 * 1024)}M.bin"
+    path = workdir / f"{pattern}-{size // (1024 * 1024)}M.bin"
     started = time.monotonic()
     if path.exists() and path.stat().st_size == size:
         digest = sha256_file(path)
@@ -502,16 +554,19 @@ def ensure_backing_file(workdir: Path, size: int, drop_caches: bool = False) -> 
         return path, digest
     temporary = path.with_suffix(".tmp")
     sha = hashlib.sha256()
+    rng = random.Random(MIXED_SEED)
+    state = [0, 0]
     with open(temporary, "wb") as f:
         remaining = size
         while remaining:
-            chunk = os.urandom(min(CHUNK, remaining))
+            length = min(CHUNK, remaining)
+            chunk = os.urandom(length) if pattern == "random" else _mixed_chunk(rng, length // PAGE, state)
             f.write(chunk)
             sha.update(chunk)
             remaining -= len(chunk)
     os.replace(temporary, path)
     digest = sha.hexdigest()
-    print(f"backing file {path}: {size} random bytes in {time.monotonic() - started:.1f}s (sha256 {digest[:16]}…)")
+    print(f"backing file {path}: {size} bytes ({pattern}) in {time.monotonic() - started:.1f}s (sha256 {digest[:16]}…)")
     return path, digest
 
 
@@ -794,8 +849,11 @@ def run_floor(ctx: Context, channels: int, index: int) -> RunResult:
                     ctx, lab, channels, sink, address, lambda: lab.describe() + sink.describe(), result
                 )
                 stored = sum(f.stat().st_blocks * 512 for f in (capture_parent / "floor").iterdir())
-                if stored < ctx.size:
-                    raise HarnessError(f"the floor sink stored {stored} bytes, less than the {ctx.size} of RAM")
+                expected = ctx.size if ctx.data_bytes is None else ctx.data_bytes
+                if stored < expected:
+                    raise HarnessError(
+                        f"the floor sink stored {stored} bytes, less than the {expected} of RAM that are not zero"
+                    )
                 result.ok = True
             finally:
                 sink.close()
@@ -1147,14 +1205,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"command: {command}")
     for key, value in facts.items():
         print(f"{key}: {value}")
-    print(f"guest RAM {args.size / 2**20:.0f} MiB, random; channels {args.channels}; {args.runs} runs each")
+    print(f"guest RAM {args.size / 2**20:.0f} MiB, {args.memory}; channels {args.channels}; {args.runs} runs each")
     if args.floor:
         print(f"floor sink: {'recv_into + pwrite' if args.floor_copy else 'splice'}")
 
-    backing, digest = ensure_backing_file(workdir, args.size, args.drop_caches)
+    backing, digest = ensure_backing_file(workdir, args.size, args.drop_caches, args.memory)
     ctx = Context(
         qemu, args.size, backing, digest, workdir, runs_dir, args.timeout, args.max_bandwidth, args.settle, code_root,
-        args.capture_dir, args.floor_copy,
+        args.capture_dir, args.floor_copy, memory_data_bytes(args.size, args.memory),
     )
     baseline = disk_baseline(ctx) if args.disk_baseline else None
 
