@@ -36,7 +36,7 @@ from twisted_multifd._incremental import (
 from twisted_multifd._initpacket import INIT_PACKET_SIZE
 from twisted_multifd._mainstream import RamBlock
 from twisted_multifd._migration import DRAINING, LOADING, Migration, _firstOffsetOutside
-from twisted_multifd._packet import RamPacket, buildRamPacket, channelPackets, isOneRun
+from twisted_multifd._packet import RamPacket, buildRamPacket, channelPackets, isOneRun, pageRuns
 from twisted_multifd._records import MigrationInfo
 from twisted_multifd._testing_pump import _StreamWriter
 from twisted_multifd.testing import playOverTCP, synthesizeMigration
@@ -326,64 +326,51 @@ class _FileSink:
         return (block.name, offset, length)
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    first=st.integers(0, 40),
-    count=st.integers(0, 12),
-    gap=st.sampled_from([0, 0, 0, 1, PAGE]),
-    misaligned=st.booleans(),
+def _expanded(runs: tuple[tuple[int, int], ...]) -> list[int]:
+    return [start + i * PAGE for start, size in runs for i in range(size // PAGE)]
+
+
+_offsetLists = st.lists(
+    st.one_of(st.integers(0, 40).map(lambda page: page * PAGE), st.integers(0, 40 * PAGE)),
+    max_size=24,
 )
-def test_onlyRunsThatWouldBeAcceptedAreSpliced(first: int, count: int, gap: int, misaligned: bool) -> None:
+
+
+@settings(max_examples=300, deadline=None)
+@given(offsets=_offsetLists)
+def test_pageRunsFollowThePayload(offsets: list[int]) -> None:
+    """
+    The runs of a packet's pages, laid end to end, are its offsets in payload
+    order; each run is consecutive pages and no run could go on into the next.
+    """
+    runs = pageRuns(tuple(offsets), PAGE)
+    assert _expanded(runs) == offsets
+    assert all(size > 0 and size % PAGE == 0 for _, size in runs)
+    assert all(start + size != following for (start, size), (following, _) in zip(runs, runs[1:]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(offsets=_offsetLists, consecutive=st.booleans())
+def test_onlyRunsThatWouldBeAcceptedAreSpliced(offsets: list[int], consecutive: bool) -> None:
     """
     The migration offers a file for a packet's pages exactly when they are
     one run of pages that its own checks accept (aligned, inside the block):
     splicing never writes anything the ordinary path would have refused.
     """
+    if consecutive and offsets:
+        offsets = [offsets[0] + i * PAGE for i in range(len(offsets))]
     block = RamBlock("pc.ram", 32 * PAGE)
-    offsets = [PAGE * (first + i) for i in range(count)]
-    if count > 1 and gap:
-        offsets[-1] += gap
-    if count and misaligned:
-        offsets = [offset + 8 for offset in offsets]
     migration = Migration(
         MigrationInfo(number=1, peer="test", channels=1, startedAt=0.0), _FileSink(),  # type: ignore[arg-type]
         clock=Clock(), pageSize=PAGE, compression=None, channelTimeout=60.0, onEnded=lambda m, r: None,
     )
     migration.state = LOADING
     migration.blocks = {"pc.ram": block}
-    accepted = bool(offsets) and isOneRun(tuple(offsets), PAGE) and (
-        _firstOffsetOutside(tuple(offsets), PAGE, block.length - PAGE) is None
-    )
+    inside = all(offset % PAGE == 0 and offset <= block.length - PAGE for offset in offsets)
+    assert (_firstOffsetOutside(tuple(offsets), PAGE, block.length - PAGE) is None) == inside
+    accepted = bool(offsets) and inside and isOneRun(tuple(offsets), PAGE)
     answer = migration.pageFileFor("pc.ram", tuple(offsets))
-    assert answer == (("pc.ram", offsets[0], count * PAGE) if accepted else None)
+    assert answer == (("pc.ram", offsets[0], len(offsets) * PAGE) if accepted else None)
     assert migration.pageFileFor("other", tuple(offsets)) is None
     migration.state = DRAINING
     assert migration.pageFileFor("pc.ram", tuple(offsets)) is None
-
-
-@needsSplice
-@pytest_twisted.inlineCallbacks
-def test_capturedThroughSpliceOverUnixSockets(tmp_path: Path):
-    """
-    Unix stream sockets are spliced from as TCP ones are: the capture is
-    exact and page payloads went the splice path.
-    """
-    migration = synthesizeMigration(seed=13, convention="10.0", channels=2, dirtyRounds=1)
-    factory, ended = _endingFactory(tmp_path / "capture", 2)
-    path = str(tmp_path / "receiver.sock")
-    port = reactor.listenUNIX(path, factory)
-    writers = []
-    try:
-        with _Readers() as readers:
-            # Multifd channels first, main last, as QEMU closes them.
-            for stream in (*migration.multifd, migration.main):
-                writers.append((yield connectProtocol(UNIXClientEndpoint(reactor, path), _StreamWriter(stream.data))))
-            for writer in writers:
-                writer.transport.loseConnection()
-            result = yield ended
-    finally:
-        yield port.stopListening()
-    assert result.complete, result.error
-    assert readers.spliced > 0
-    assert _captured(tmp_path / "capture") == migration.memory
-

@@ -33,7 +33,7 @@ from ._directread import PageFile
 from ._errors import MigrationError
 from ._interfaces import IMigrationSink
 from ._mainstream import Configuration, RamBlock
-from ._packet import DeviceStatePacket, isOneRun
+from ._packet import DeviceStatePacket, isOneRun, pageRuns
 from ._records import MigrationInfo, MigrationResult
 from ._tail import StreamTail
 
@@ -237,18 +237,10 @@ class _BlockImage:
         # One pwrite per run of consecutive pages: packets usually carry long
         # runs (most often the whole packet is one), and pwrite fails cleanly
         # (ENOSPC) where a mapping would SIGBUS.
-        count = len(offsets)
-        i = 0
-        if count and isOneRun(tuple(offsets), pageSize):
-            self._writeRun(offsets[0], view[: count * pageSize])
-            i = count
-        while i < count:
-            start = offsets[i]
-            j = i + 1
-            while j < count and offsets[j] == start + (j - i) * pageSize:
-                j += 1
-            self._writeRun(start, view[i * pageSize : j * pageSize])
-            i = j
+        position = 0
+        for start, size in pageRuns(tuple(offsets), pageSize):
+            self._writeRun(start, view[position : position + size])
+            position += size
         self._wrote(len(view))
 
     def _wrote(self, size: int) -> None:

@@ -67,6 +67,24 @@ def isOneRun(offsets: tuple[int, ...], pageSize: int) -> bool:
     return offsets == tuple(range(first, first + len(offsets) * pageSize, pageSize))
 
 
+def pageRuns(offsets: tuple[int, ...], pageSize: int) -> tuple[tuple[int, int], ...]:
+    """
+    C{offsets} (of pages, in payload order) as runs of consecutive pages:
+    (first offset, byte count) each, in the same order.
+    """
+    if isOneRun(offsets, pageSize):
+        return ((offsets[0], len(offsets) * pageSize),) if offsets else ()
+    runs = []
+    start = previous = offsets[0]
+    for offset in offsets[1:]:
+        if offset != previous + pageSize:
+            runs.append((start, previous + pageSize - start))
+            start = offset
+        previous = offset
+    runs.append((start, previous + pageSize - start))
+    return tuple(runs)
+
+
 @attrs.frozen
 class RamPacket:
     """
