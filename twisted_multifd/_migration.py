@@ -311,7 +311,9 @@ class Migration:
         reaches L{multifdPacket}: only while loading, for a run of pages
         inside a known block, into a sink that keeps pages in files.
         Anything else (including every packet L{multifdPacket} would refuse)
-        gets L{None} and goes the ordinary way.
+        gets L{None} and goes the ordinary way. Scattered pages are not
+        spliced: one small splice per run cost more than copying them
+        (docs/performance.md, "Receive, fifth round").
         """
         pageFile = self._pageFile
         if pageFile is None or self.state != LOADING or self.blocks is None or self.compression:
