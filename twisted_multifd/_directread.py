@@ -29,7 +29,6 @@ other transport (TLS, test transports) goes on calling C{dataReceived}.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -37,6 +36,7 @@ import attrs
 from twisted.internet import main, tcp
 
 from ._errors import MigrationError
+from ._splice import SPLICE_FLAGS, openPipe
 
 if TYPE_CHECKING:
     from ._channels import _Channel
@@ -51,8 +51,6 @@ FALLBACK_READ = 1024 * 1024
 # Pipe capacity asked for when splicing pages (a whole 512 KiB payload fits);
 # over the user's allowance the pipe keeps its default 64 KiB.
 PIPE_SIZE = 1024 * 1024
-
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 def canReadDirectly(transport: Any) -> bool:
@@ -100,7 +98,7 @@ class DirectReader:
         self._pageFile: PageFile | None = None
         self._written = 0
         self._pipe: tuple[int, int] | None = None
-        self._pipeSize = 65536
+        self._pipeSize = 0
         self.splicedPayloads = 0
 
     def install(self) -> None:
@@ -186,15 +184,12 @@ class DirectReader:
         pageFile = self._pageFile
         assert pageFile is not None
         if self._pipe is None:
-            self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                self._pipeSize = fcntl.fcntl(self._pipe[1], getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-            except OSError:
-                pass
+            pipeRead, pipeWrite, self._pipeSize = openPipe(PIPE_SIZE)
+            self._pipe = (pipeRead, pipeWrite)
         pipeRead, pipeWrite = self._pipe
         try:
             count = os.splice(socketFd, pipeWrite, min(pageFile.length - self._written, self._pipeSize),
-                              flags=_SPLICE_FLAGS)
+                              flags=SPLICE_FLAGS)
         except OSError as e:
             if e.errno in _NOT_SUPPORTED and not self._written:
                 raise _SocketNotSpliceable() from e

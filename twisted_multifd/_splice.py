@@ -40,7 +40,26 @@ PIPE_SIZE = 256 * 1024
 READ_BUDGET = 8 * 1024 * 1024
 """Bytes moved in one C{doRead} before the reactor gives the other connections a turn."""
 
-_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+"""Flags of every C{splice} from or into a non-blocking socket."""
+
+_DEFAULT_PIPE = 65536
+
+
+def openPipe(size: int | None) -> tuple[int, int, int]:
+    """
+    A non-blocking pipe for splicing: (read end, write end, capacity), with
+    the capacity C{size} if asked for and allowed; over the user's
+    pipe-buffer allowance the pipe keeps its default 64 KiB.
+    """
+    pipeRead, pipeWrite = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    capacity = _DEFAULT_PIPE
+    if size is not None:
+        try:
+            capacity = fcntl.fcntl(pipeWrite, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+        except OSError:
+            pass
+    return pipeRead, pipeWrite, capacity
 
 
 def canSplice(transport: Any) -> bool:
@@ -78,13 +97,7 @@ class SplicedDirection:
         self._moved = moved
         self._readFd = reading.fileno()
         self._writeFd = writing.fileno()
-        self._pipeRead, self._pipeWrite = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._chunk = 65536
-        if pipeSize is not None:
-            try:
-                self._chunk = fcntl.fcntl(self._pipeWrite, getattr(fcntl, "F_SETPIPE_SZ", 1031), pipeSize)
-            except OSError:
-                pass  # over the user's pipe-buffer allowance: the default 64 KiB pipe
+        self._pipeRead, self._pipeWrite, self._chunk = openPipe(pipeSize)
         self.pending = 0
         self.closed = False
         self._originalRead = reading.doRead
@@ -114,7 +127,7 @@ class SplicedDirection:
         moved = 0
         while moved < READ_BUDGET:
             try:
-                count = os.splice(self._readFd, self._pipeWrite, self._chunk, flags=_FLAGS)
+                count = os.splice(self._readFd, self._pipeWrite, self._chunk, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 return None
             except OSError:
@@ -136,7 +149,7 @@ class SplicedDirection:
         """
         while self.pending:
             try:
-                count = os.splice(self._pipeRead, self._writeFd, self.pending, flags=_FLAGS)
+                count = os.splice(self._pipeRead, self._writeFd, self.pending, flags=SPLICE_FLAGS)
             except OSError:
                 return False
             if count <= 0:
@@ -152,7 +165,7 @@ class SplicedDirection:
         if self.pending and not self.closed:
             try:
                 while self.pending:
-                    count = os.splice(self._pipeRead, self._writeFd, self.pending, flags=_FLAGS)
+                    count = os.splice(self._pipeRead, self._writeFd, self.pending, flags=SPLICE_FLAGS)
                     if count <= 0:
                         return None
                     self.pending -= count
