@@ -36,6 +36,19 @@ log = Logger(namespace="twisted_multifd.migration")
 ASSEMBLING, LOADING, DRAINING, COMPLETE, FAILED = "assembling", "loading", "draining", "complete", "failed"
 
 
+def _runOutside(offsets: tuple[int, ...], pageSize: int, limit: int) -> int | None:
+    """
+    L{_firstOffsetOutside} for C{offsets} that are one run of consecutive
+    pages (L{isOneRun}), not empty: checked at its ends.
+    """
+    first = offsets[0]
+    if first % pageSize or first > limit:
+        return first
+    if offsets[-1] > limit:
+        return first + ((limit - first) // pageSize + 1) * pageSize
+    return None
+
+
 def _firstOffsetOutside(offsets: tuple[int, ...], pageSize: int, limit: int) -> int | None:
     """
     The first of C{offsets} that is not the start of a page at or below
@@ -44,12 +57,7 @@ def _firstOffsetOutside(offsets: tuple[int, ...], pageSize: int, limit: int) -> 
     if not offsets:
         return None
     if isOneRun(offsets, pageSize):
-        first = offsets[0]
-        if first % pageSize or first > limit:
-            return first
-        if offsets[-1] > limit:
-            return first + ((limit - first) // pageSize + 1) * pageSize
-        return None
+        return _runOutside(offsets, pageSize, limit)
     for offset in offsets:
         if offset % pageSize or offset > limit:
             return offset
@@ -322,12 +330,9 @@ class Migration:
         pageSize = self.pageSize
         if block is None or not offsets:
             return None
-        first = offsets[0]
-        # Consecutive pages from an aligned first one to a last one inside
-        # the block: every page is inside it (what _firstOffsetOutside checks).
-        if first % pageSize or offsets[-1] > block.length - pageSize or not isOneRun(offsets, pageSize):
+        if not isOneRun(offsets, pageSize) or _runOutside(offsets, pageSize, block.length - pageSize) is not None:
             return None
-        target: PageFile | None = pageFile(block, first, len(offsets) * pageSize)
+        target: PageFile | None = pageFile(block, offsets[0], len(offsets) * pageSize)
         return target
 
     def multifdDeviceState(self, packet: DeviceStatePacket) -> None:
