@@ -255,8 +255,10 @@ class _BlockImage:
         written = os.pwrite(fd, chunk, start)
         while written < len(chunk):
             written += os.pwrite(fd, chunk[written:], start + written)
+        self._markData(start, len(chunk) // self.pageSize)
+
+    def _markData(self, start: int, count: int) -> None:
         first = start // self.pageSize
-        count = len(chunk) // self.pageSize
         self.pages[first : first + count] = _DATA_RUN * count
 
     def stored(self, start: int, count: int) -> None:
@@ -264,8 +266,7 @@ class _BlockImage:
         C{count} pages from block offset C{start} were written into the
         image by the receiver itself.
         """
-        first = start // self.pageSize
-        self.pages[first : first + count] = _DATA_RUN * count
+        self._markData(start, count)
         self._wrote(count * self.pageSize)
 
     def zero(self, offsets: Sequence[int]) -> None:
