@@ -66,6 +66,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -505,35 +506,22 @@ MIXED_SEED = 6
 PAGE = 4096
 
 
-def _mixed_chunk(rng: random.Random, pages: int, state: list[int]) -> bytes:
-    """``pages`` pages of the mixed pattern; ``state`` is [data?, pages left in the run]."""
-    out = bytearray(pages * PAGE)
-    index = 0
-    while index < pages:
-        if state[1] == 0:
-            state[0] ^= 1
-            state[1] = rng.randint(1, 32)
-        take = min(state[1], pages - index)
-        if state[0]:
-            out[index * PAGE : (index + take) * PAGE] = os.urandom(take * PAGE)
-        index += take
-        state[1] -= take
-    return bytes(out)
+def _mixed_runs(pages: int) -> Iterator[tuple[bool, int]]:
+    """The ``mixed`` pattern over ``pages`` pages: (data?, page count) runs, in order."""
+    rng = random.Random(MIXED_SEED)
+    data = False
+    while pages:
+        data = not data
+        count = min(rng.randint(1, 32), pages)
+        yield data, count
+        pages -= count
 
 
 def memory_data_bytes(size: int, pattern: str) -> int:
     """Bytes of pages that are not zero in a backing file of ``pattern``."""
     if pattern == "random":
         return size
-    rng = random.Random(MIXED_SEED)
-    data, remaining, pages = 0, size // PAGE, 0
-    state = 0
-    while remaining:
-        state ^= 1
-        pages = min(rng.randint(1, 32), remaining)
-        data += pages * PAGE if state else 0
-        remaining -= pages
-    return data
+    return sum(count for data, count in _mixed_runs(size // PAGE) if data) * PAGE
 
 
 def ensure_backing_file(
@@ -554,16 +542,14 @@ def ensure_backing_file(
         return path, digest
     temporary = path.with_suffix(".tmp")
     sha = hashlib.sha256()
-    rng = random.Random(MIXED_SEED)
-    state = [0, 0]
+    if pattern == "random":
+        pieces: Iterator[bytes] = (os.urandom(min(CHUNK, size - at)) for at in range(0, size, CHUNK))
+    else:
+        pieces = (os.urandom(count * PAGE) if data else bytes(count * PAGE) for data, count in _mixed_runs(size // PAGE))
     with open(temporary, "wb") as f:
-        remaining = size
-        while remaining:
-            length = min(CHUNK, remaining)
-            chunk = os.urandom(length) if pattern == "random" else _mixed_chunk(rng, length // PAGE, state)
+        for chunk in pieces:
             f.write(chunk)
             sha.update(chunk)
-            remaining -= len(chunk)
     os.replace(temporary, path)
     digest = sha.hexdigest()
     print(f"backing file {path}: {size} bytes ({pattern}) in {time.monotonic() - started:.1f}s (sha256 {digest[:16]}…)")
