@@ -4,7 +4,9 @@ For each multifd channel count, a capture of the VM is made once (a real
 QEMU source migrating into ``python -m twisted_multifd receive --once``;
 its ``pc.ram`` is checked against the backing file by SHA-256, and it is
 kept under ``WORKDIR/send/captures`` and reused while the backing file is
-the same). Then runs alternate between
+the same; a reused capture is hashed again, which also reads it into the
+page cache, as hashing the backing file does for the QEMU source's memory).
+Then runs alternate between
 
   (a) QEMU source -> fresh QEMU destination (``-incoming defer``, same
       build): exactly :func:`bench.receive.run_qemu_destination`, and
@@ -92,6 +94,7 @@ from bench.receive import (
     qemu_for,
     write_results,
     run_qemu_destination,
+    sha256_file,
     snapshot_library,
     stop_py_spy,
     summarize_cprofile,
@@ -167,8 +170,12 @@ def ensure_capture(ctx: Context, channels: int, root: Path) -> Path:
     if stamp.exists() and stamp.read_text().strip() == ctx.backing_sha256 and (capture / "manifest.json").exists():
         manifest = json.loads((capture / "manifest.json").read_text())
         if manifest.get("complete") is True and manifest.get("channels") == channels:
-            print(f"capture for {channels} channels reused: {capture}")
-            return capture
+            started = time.monotonic()
+            if _reused_capture_matches(ctx, capture, manifest):
+                print(f"capture for {channels} channels reused (pc.ram sha256 ok, read in"
+                      f" {time.monotonic() - started:.1f}s): {capture}")
+                return capture
+            print(f"capture for {channels} channels no longer matches the backing file: made again")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     started = time.monotonic()
@@ -185,6 +192,24 @@ def ensure_capture(ctx: Context, channels: int, root: Path) -> Path:
     print(f"capture for {channels} channels made in {time.monotonic() - started:.1f}s: {capture}"
           f" (pc.ram sha256 ok)", flush=True)
     return capture
+
+
+def _reused_capture_matches(ctx: Context, capture: Path, manifest: dict[str, Any]) -> bool:
+    """Whether a kept capture's pc.ram still hashes to the backing file's digest.
+
+    Reading every image file back also puts the capture in the page cache, as
+    hashing the backing file does for the QEMU source's memory: with
+    ``--drop-caches`` a reused capture would otherwise be read from the disk
+    in the first ``send`` run of its channel count only, and not the QEMU
+    source's memory in any run.
+    """
+    ram = None
+    for block in manifest.get("ram_blocks", []):
+        image = capture / block["file"]
+        digest = sha256_file(image)
+        if block["name"] == "pc.ram":
+            ram = digest
+    return ram == ctx.backing_sha256
 
 
 # --------------------------------------------------------------------------
