@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -66,7 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,6 +439,20 @@ class Window:
         busy = sum(self.delta.get(key, 0.0) for key in _BUSY)
         ours = (result.destination_cpu_seconds or 0.0) + (result.source_cpu_seconds or 0.0) + self.bench_cpu
         result.other_cpu_seconds = round(busy - ours, 3)
+
+
+def run_round(index: int, runs: list[Callable[[], RunResult]], results: list[RunResult]) -> None:
+    """One round of a benchmark: every kind of run once, appended to C{results}
+    and printed as it ends. The kinds go in the order given in odd rounds and
+    reversed in even ones (A B, B A, A B, ...), so that no kind always runs
+    right after the same other kind. On the benchmark machine, whichever run
+    came right after a QEMU → QEMU migration was often up to twice as slow
+    (its destination QEMU used twice the CPU); with a fixed order that fell on
+    the same kind in every round (see docs/performance.md, "Order of runs").
+    """
+    for run in runs if index % 2 else reversed(runs):
+        results.append(run())
+        print(run_line(results[-1]), flush=True)
 
 
 def wait_for_quiet(limit: float, threshold: float = QUIET_THRESHOLD) -> float:
@@ -1207,15 +1222,14 @@ def run(args: argparse.Namespace) -> int:
     for channels in args.channels:
         for index in range(1, args.runs + 1):
             verify = args.verify == "all" or (args.verify == "first" and index == 1)
+            runs: list[Callable[[], RunResult]] = []
             if args.only != "ours":
-                results.append(run_qemu_destination(ctx, channels, index))
-                print(run_line(results[-1]), flush=True)
+                runs.append(functools.partial(run_qemu_destination, ctx, channels, index))
             if args.only != "qemu":
-                results.append(run_receiver(ctx, channels, index, verify=verify))
-                print(run_line(results[-1]), flush=True)
+                runs.append(functools.partial(run_receiver, ctx, channels, index, verify=verify))
             if args.floor:
-                results.append(run_floor(ctx, channels, index))
-                print(run_line(results[-1]), flush=True)
+                runs.append(functools.partial(run_floor, ctx, channels, index))
+            run_round(index, runs, results)
 
     profiles: dict[str, str] = {}
     for channels in args.profile:

@@ -27,10 +27,12 @@ the table). Results (JSON) and logs of every run go to ``--workdir``.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,6 +62,7 @@ from bench.receive import (
     write_results,
     run_line,
     run_qemu_destination,
+    run_round,
     snapshot_library,
     stop_py_spy,
     summarize_py_spy,
@@ -213,12 +216,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{RUN_HEADER.replace('dest peak RSS', 'dest (relay) peak RSS')}", flush=True)
     for channels in args.channels:
         for index in range(1, args.runs + 1):
+            runs: list[Callable[[], RunResult]] = []
             if args.only != "relay":
-                results.append(run_qemu_destination(ctx, channels, index))
-                print(run_line(results[-1]), flush=True)
+                runs.append(functools.partial(run_qemu_destination, ctx, channels, index))
             if args.only != "qemu":
-                results.append(run_relayed(ctx, channels, index))
-                print(run_line(results[-1]), flush=True)
+                runs.append(functools.partial(run_relayed, ctx, channels, index))
+            run_round(index, runs, results)
 
     profiles: dict[str, str] = {}
     for channels in args.py_spy:

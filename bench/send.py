@@ -46,6 +46,7 @@ shared machine, two versions are best compared within one invocation.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -55,6 +56,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,7 @@ from bench.receive import (
     qemu_for,
     write_results,
     run_qemu_destination,
+    run_round,
     sha256_file,
     snapshot_library,
     stop_py_spy,
@@ -483,18 +486,18 @@ def run(args: argparse.Namespace) -> int:
     for channels in args.channels:
         for index in range(1, args.runs + 1):
             verify = args.verify == "all" or (args.verify == "first" and index == 1)
+            digest = expected if verify else None
+            runs: list[Callable[[], RunResult]] = []
             if args.only != "ours":
-                results.append(run_qemu_destination(ctx, channels, index))
-                print(run_line(results[-1]), flush=True)
+                runs.append(functools.partial(run_qemu_destination, ctx, channels, index))
             if args.only != "qemu":
-                results.append(run_send(ctx, send_code, captures[channels], channels, index, expected if verify else None))
-                print(run_line(results[-1]), flush=True)
+                runs.append(functools.partial(run_send, ctx, send_code, captures[channels], channels, index, digest))
                 if args.compare is not None:
-                    results.append(run_send(
-                        ctx, args.compare.resolve(), captures[channels], channels, index,
-                        expected if verify else None, kind="compare",
+                    runs.append(functools.partial(
+                        run_send, ctx, args.compare.resolve(), captures[channels], channels, index, digest,
+                        kind="compare",
                     ))
-                    print(run_line(results[-1]), flush=True)
+            run_round(index, runs, results)
 
     profiles: dict[str, str] = {}
     for channels in args.py_spy:
