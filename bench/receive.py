@@ -445,10 +445,11 @@ def run_round(index: int, runs: list[Callable[[], RunResult]], results: list[Run
     """One round of a benchmark: every kind of run once, appended to C{results}
     and printed as it ends. The kinds go in the order given in odd rounds and
     reversed in even ones (A B, B A, A B, ...), so that no kind always runs
-    right after the same other kind. On the benchmark machine, whichever run
-    came right after a QEMU → QEMU migration was often up to twice as slow
-    (its destination QEMU used twice the CPU); with a fixed order that fell on
-    the same kind in every round (see docs/performance.md, "Order of runs").
+    right after the same other kind. On the benchmark machine a run right
+    after one of another kind was often up to twice as slow (its destination
+    QEMU used twice the CPU); with a fixed order that fell on the same kind in
+    every round (see docs/performance.md, "Order of runs"). An even number of
+    rounds puts each kind first as often as second.
     """
     for run in runs if index % 2 else reversed(runs):
         results.append(run())
