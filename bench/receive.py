@@ -767,13 +767,16 @@ def _run_receiver(
 ) -> RunResult:
     label = "ours-cprofile" if profile else "ours-pyspy" if py_spy else "ours"
     result = RunResult(label, channels, index)
+    if profile is not None:
+        # Never summarize an earlier run's profile as this one's.
+        profile.unlink(missing_ok=True)
     run_dir = ctx.run_dir(f"{label}-ch{channels}-{index}")
     capture_parent = Path(tempfile.mkdtemp(prefix="capture-", dir=ctx.capture_dir or ctx.workdir))
     output = capture_parent / "capture"
     spy: subprocess.Popen[bytes] | None = None
     try:
         with QemuLab(run_dir) as lab:
-            python_args = ["-m", "cProfile", "-o", str(profile)] if profile else []
+            python_args = ["-c", _PROFILED_RECEIVER, str(profile)] if profile else []
             receiver = lab.start_receiver(channels, output, python_args=python_args, root=ctx.code_root)
             address = receiver.wait_for_address()
             if py_spy is not None:
@@ -793,6 +796,31 @@ def _run_receiver(
         if spy is not None:
             stop_py_spy(spy)
     return result
+
+
+# ``python -c`` this, then the profile's path, then ``-m twisted_multifd ARGS``
+# (how the harness starts a receiver): the CLI under cProfile. ``python -m
+# cProfile -m twisted_multifd`` writes nothing, as ``console()`` ends the
+# process with ``os._exit``; this dumps the profile first, then exits the same
+# way.
+_PROFILED_RECEIVER = """
+import cProfile, os, sys
+path, args = sys.argv[1], sys.argv[4:]
+from twisted_multifd import _cli
+profiler = cProfile.Profile()
+code = 0
+profiler.enable()
+try:
+    _cli.main(args)
+except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else 1
+finally:
+    profiler.disable()
+    profiler.dump_stats(path)
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code or 0)
+"""
 
 
 def _migrate_into_process(
@@ -1238,8 +1266,10 @@ def run(args: argparse.Namespace) -> int:
         result = run_receiver(ctx, channels, 1, verify=False, profile=path)
         results.append(result)
         print(run_line(result), flush=True)
-        if result.ok:
+        if result.ok and path.exists():
             profiles[f"cprofile-ch{channels}"] = summarize_cprofile(path)
+        elif result.ok:
+            print(f"cProfile: the receiver wrote no profile ({path})", flush=True)
     for channels in args.py_spy:
         path = workdir / f"receiver-ch{channels}.pyspy.txt"
         result = run_receiver(ctx, channels, 1, verify=False, py_spy=path)
