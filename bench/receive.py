@@ -1030,6 +1030,33 @@ def summarize_py_spy(path: Path, limit: int = 20) -> str:
 # --------------------------------------------------------------------------
 
 
+def order_table(results: list[RunResult], channel_counts: list[int]) -> str:
+    """Median wall time of each kind's runs by what ran just before them (the
+    same kind or another), in the order the runs were made: on a machine
+    where one kind of run disturbs the next (see docs/performance.md, "Order
+    of runs"), the two columns differ. Extra (profiled) runs are left out."""
+    after: dict[tuple[int, str, bool], list[float]] = collections.defaultdict(list)
+    previous: str | None = None
+    for result in results:
+        if "pyspy" in result.kind or "cprofile" in result.kind:
+            continue
+        if previous is not None and result.ok and result.wall is not None:
+            after[(result.channels, result.kind, previous == result.kind)].append(result.wall)
+        previous = result.kind
+    rows = [
+        "| channels | kind | wall s after a run of the same kind: median (runs) | after a run of another kind: median (runs) |",
+        "|---:|---|---:|---:|",
+    ]
+    for n in channel_counts:
+        for kind in sorted({k for c, k, _ in after if c == n}):
+            cells = []
+            for same in (True, False):
+                walls = after.get((n, kind, same), [])
+                cells.append(f"{statistics.median(walls):.2f} ({len(walls)})" if walls else "—")
+            rows.append(f"| {n} | {kind} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
 def _stats(values: list[float]) -> tuple[float, float, float] | None:
     return (statistics.median(values), min(values), max(values)) if values else None
 
@@ -1281,6 +1308,7 @@ def run(args: argparse.Namespace) -> int:
     table = summary_table(results, args.channels)
     if args.floor:
         table += "\n\n" + floor_table(results, args.channels)
+    table += "\n\n" + order_table(results, args.channels)
     version_after = code_version()
     if version_after["library_fingerprint"] != measured:
         print(

@@ -58,6 +58,7 @@ from bench.receive import (
     code_version,
     ensure_backing_file,
     machine_facts,
+    order_table,
     qemu_for,
     write_results,
     run_line,
@@ -232,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         if result.ok and path.exists():
             profiles[f"py-spy-ch{channels}"] = summarize_py_spy(path)
 
-    table = summary_table(results, args.channels)
+    table = summary_table(results, args.channels) + "\n\n" + order_table(results, args.channels)
     print(f"\n{table}\n")
     for name, text in profiles.items():
         print(f"{name} ({workdir})\n{text}\n")

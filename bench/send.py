@@ -93,6 +93,7 @@ from bench.receive import (
     code_version,
     ensure_backing_file,
     machine_facts,
+    order_table,
     qemu_for,
     write_results,
     run_qemu_destination,
@@ -521,6 +522,9 @@ def run(args: argparse.Namespace) -> int:
         compared = summary_table(results, args.channels, "compare")
         table += f"\n\n--compare {args.compare}:\n\n{compared}"
         print(f"--compare {args.compare}:\n\n{compared}\n")
+    order = order_table(results, args.channels)
+    table += f"\n\n{order}"
+    print(f"{order}\n")
     for name, text in profiles.items():
         print(f"{name} ({base})\n{text}\n")
     json_path = args.json or base / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
