@@ -149,7 +149,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, workdir_help: str) -> 
     parser.add_argument(
         "--channels", type=parse_channels, default=[1, 2, 4], help="multifd channel counts (default 1,2,4)"
     )
-    parser.add_argument("--runs", type=int, default=5, help="runs of each kind per channel count (default 5)")
+    parser.add_argument(
+        "--runs", type=int, default=6,
+        help="rounds per channel count, each with one run of every kind, in alternating order (default 6:"
+        " even, so that each kind runs first as often as second)",
+    )
     parser.add_argument("--qemu", default="10.0", help="QEMU build for every source and destination (default 10.0)")
     parser.add_argument(
         "--workdir",
